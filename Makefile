@@ -1,0 +1,37 @@
+# The two commands of the README contract: `make repro` and `make test`.
+# Each creates .venv and installs the pinned dependencies by itself.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
+export PATH := $(BIN):$(PATH)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup data repro test lint ui mlflow-ui prefect-ui serve clean
+
+setup: $(STAMP)
+
+$(STAMP):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+data: setup
+	genpipe data ensure
+
+repro: data
+	dvc repro
+
+test: setup
+	pytest -q tests
+
+lint: setup
+	ruff check src flows tests bench && ruff format --check src flows tests bench
+
+ui: setup
+	@echo "MLflow UI on http://127.0.0.1:5000 and Prefect UI on http://127.0.0.1:4200 (Ctrl-C stops both)"
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000 & \
+	prefect server start --host 127.0.0.1 --port 4200; kill %1
+
+clean:
+	rm -rf data/prepared metrics plots reports checkpoints mlartifacts mlflow.db .dvc/tmp

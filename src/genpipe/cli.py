@@ -1,0 +1,100 @@
+"""`genpipe` command line: data export, stage runs without Prefect, audits, scheduling."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from genpipe.config import ParamsError, load_params
+from genpipe.data.raw import DataError
+
+STAGES = ("prepare",)
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from genpipe.data.raw import write_raw
+    from genpipe.data.sources import load_source
+
+    data = load_source(args.source, Path(args.path) if args.path else None)
+    write_raw(data, Path(args.out))
+    print(f"wrote {len(data.labels)} images in {len(data.classes)} classes from {args.source} to {args.out}")
+    return 0
+
+
+def cmd_data_ensure(args: argparse.Namespace) -> int:
+    """Materialise data/raw as data.dvc records it: present, pulled, or exported from the
+    bundled source; refuse (naming the fix) when what we can make does not match data.dvc."""
+    import subprocess
+
+    import yaml
+
+    from genpipe.data.raw import write_raw
+    from genpipe.data.sources import load_source
+    from genpipe.lineage import dvc_md5
+
+    raw = Path("data/raw")
+    expected = yaml.safe_load(Path("data.dvc").read_text())["outs"][0]["md5"]
+    if not raw.exists():
+        pulled = subprocess.run(["dvc", "pull", "-q", "data.dvc"], capture_output=True)
+        if pulled.returncode != 0:
+            source = load_params(args.params).base.source
+            if source != "digits":
+                raise DataError(
+                    f"data/raw is missing and `dvc pull data.dvc` failed; configure the DVC "
+                    f"remote that holds it, or run `genpipe data fetch {source} --path ...`"
+                )
+            write_raw(load_source("digits"), raw)
+    actual = dvc_md5(raw)
+    if actual != expected:
+        raise DataError(
+            f"data/raw has md5 {actual} but data.dvc records {expected}: run `dvc checkout "
+            "data.dvc` to restore it, or `dvc add data/raw` to version the new data"
+        )
+    subprocess.run(["dvc", "commit", "-q", "-f", "data.dvc"], check=True)
+    print(f"data/raw matches data.dvc ({expected})")
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """Run one stage in-process, without Prefect (debugging, profiling)."""
+    params = load_params(args.params)
+    module = importlib.import_module(f"genpipe.stages.{args.name}")
+    module.run(params)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genpipe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="dataset commands").add_subparsers(dest="data_cmd", required=True)
+    fetch = data.add_parser("fetch", help="export a source to data/raw in the canonical format")
+    fetch.add_argument("source", choices=["digits", "mnist", "fashion_mnist", "cifar10", "folder"])
+    fetch.add_argument("--path", help="local copy / download root (torchvision) or image folder")
+    fetch.add_argument("--out", default="data/raw")
+    fetch.set_defaults(func=cmd_data_fetch)
+
+    ensure = data.add_parser("ensure", help="make data/raw match data.dvc (pull or export)")
+    ensure.add_argument("--params", default="params.yaml")
+    ensure.set_defaults(func=cmd_data_ensure)
+
+    stage = sub.add_parser("stage", help="run one stage without Prefect")
+    stage.add_argument("name", choices=STAGES)
+    stage.add_argument("--params", default="params.yaml")
+    stage.set_defaults(func=cmd_stage)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ParamsError, DataError) as exc:
+        print(f"genpipe: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

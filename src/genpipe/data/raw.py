@@ -1,0 +1,105 @@
+"""The canonical raw dataset format under data/raw, the only thing data.dvc versions.
+
+Every source is exported to the same four files, written byte-for-byte deterministically
+(`.npy` arrays and sorted, compact JSON), so the same source gives the same DVC hash on
+any machine:
+
+- pixels.npy   uint8, all images' pixels concatenated (HWC order, image after image)
+- shapes.npy   int64 (N, 3): each image's (height, width, channels); sizes may differ
+- labels.npy   int64 (N,): class index into classes.json
+- manifest.json  source, class names, and per-image origin (file path for folders)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FILES = ("pixels.npy", "shapes.npy", "labels.npy", "manifest.json")
+
+
+class DataError(ValueError):
+    """A dataset file is missing, unreadable or inconsistent; the message names it."""
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    images: list[np.ndarray]  # each uint8 (H, W, C)
+    labels: np.ndarray  # int64 (N,)
+    classes: list[str]
+    source: str
+    origins: list[str]  # where each image came from (file path, or "split:index")
+
+    def __post_init__(self) -> None:
+        if not (len(self.images) == len(self.labels) == len(self.origins)):
+            raise DataError(
+                f"{self.source}: {len(self.images)} images, {len(self.labels)} labels and "
+                f"{len(self.origins)} origins must have the same length"
+            )
+
+
+def write_raw(data: RawDataset, out: Path) -> None:
+    """Write `data` to `out` atomically: a sibling temp folder renamed into place."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    pixels = (
+        np.concatenate([im.reshape(-1) for im in data.images])
+        if data.images
+        else np.zeros(0, np.uint8)
+    )
+    shapes = np.array([im.shape for im in data.images], dtype=np.int64).reshape(-1, 3)
+    np.save(tmp / "pixels.npy", pixels.astype(np.uint8), allow_pickle=False)
+    np.save(tmp / "shapes.npy", shapes, allow_pickle=False)
+    np.save(tmp / "labels.npy", data.labels.astype(np.int64), allow_pickle=False)
+    manifest = {"source": data.source, "classes": data.classes, "origins": data.origins}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, sort_keys=True, indent=0) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{path}: missing; re-create data/raw with `genpipe data fetch SOURCE`")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any corrupt file gets the same clear message
+        raise DataError(
+            f"{path}: unreadable ({exc}); restore it with `dvc checkout data.dvc`"
+        ) from None
+
+
+def read_raw(root: Path) -> RawDataset:
+    """Read and validate data/raw; every inconsistency names the file at fault."""
+    pixels = _load_npy(root / "pixels.npy")
+    shapes = _load_npy(root / "shapes.npy")
+    labels = _load_npy(root / "labels.npy")
+    manifest_path = root / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        classes, origins, source = manifest["classes"], manifest["origins"], manifest["source"]
+    except FileNotFoundError:
+        raise DataError(f"{manifest_path}: missing; re-create data/raw") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{manifest_path}: corrupt ({exc!r}); restore it") from None
+    if pixels.dtype != np.uint8 or shapes.ndim != 2 or shapes.shape[1:] != (3,):
+        raise DataError(f"{root}: pixels.npy must be uint8 and shapes.npy (N, 3)")
+    if len(labels) != len(shapes) or len(origins) != len(shapes):
+        raise DataError(
+            f"{root}: {len(shapes)} shapes, {len(labels)} labels, {len(origins)} origins disagree"
+        )
+    sizes = shapes.prod(axis=1)
+    if (shapes <= 0).any() or int(sizes.sum()) != pixels.size:
+        raise DataError(f"{root / 'pixels.npy'}: size does not match shapes.npy (truncated?)")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise DataError(f"{root / 'labels.npy'}: labels outside 0..{len(classes) - 1}")
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    images = [
+        pixels[offsets[i] : offsets[i + 1]].reshape(tuple(shapes[i])) for i in range(len(shapes))
+    ]
+    return RawDataset(images, labels, list(classes), source, list(origins))

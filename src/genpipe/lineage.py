@@ -1,0 +1,98 @@
+"""Lineage facts a run records about itself: code commit, data digests, environment.
+
+Digests use DVC's own md5 scheme (file: md5 of bytes; folder: md5 of the sorted JSON list
+of its files' md5s, suffixed `.dir`), so they compare directly with dvc.lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+META_FILE = "meta.json"
+# Files the pipeline itself rewrites; changes there are results, not code edits.
+PIPELINE_WRITES = ("dvc.lock", "metrics/", "plots/", "reports/")
+TRACKED_PACKAGES = ("torch", "torchvision", "numpy", "scikit-learn", "mlflow", "dvc", "prefect")
+
+
+def file_md5(path: Path) -> str:
+    h = hashlib.md5()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dir_entries(path: Path, exclude: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """Every file under `path` as {md5, relpath}, sorted by relpath (DVC's order)."""
+    entries = [
+        {"md5": file_md5(p), "relpath": p.relative_to(path).as_posix()}
+        for p in path.rglob("*")
+        if p.is_file() and p.name not in exclude
+    ]
+    return sorted(entries, key=lambda e: e["relpath"])
+
+
+def dvc_md5(path: Path) -> str:
+    """The md5 DVC records for `path` in dvc.lock."""
+    if path.is_file():
+        return file_md5(path)
+    blob = json.dumps(dir_entries(path), sort_keys=True).encode()
+    return hashlib.md5(blob).hexdigest() + ".dir"
+
+
+def git_info(root: Path) -> dict[str, Any]:
+    """Commit and dirty flag; outputs of the pipeline itself don't count as dirt."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return {"commit": "unknown", "dirty": True}
+    dirty_files = [
+        line[3:] for line in status.splitlines() if not line[3:].startswith(PIPELINE_WRITES)
+    ]
+    return {"commit": commit, "dirty": bool(dirty_files)}
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def dvc_lock_md5s(root: Path, stage: str) -> dict[str, str]:
+    """The md5 of each dep and out of `stage` as dvc.lock last recorded them."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    entry = stages.get(stage, {})
+    return {
+        item["path"]: item.get("md5", "")
+        for key in ("deps", "outs")
+        for item in entry.get(key, [])
+    }
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    path = folder / META_FILE
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())

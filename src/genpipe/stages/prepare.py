@@ -1,0 +1,88 @@
+"""Stage `prepare`: data/raw -> stratified train/val/test in [0, 1] plus a dataset card."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from genpipe import tracking, viz
+from genpipe.config import Params
+from genpipe.data.prepared import PREPARED, SPLITS, write_split
+from genpipe.data.raw import DataError, read_raw
+from genpipe.data.splits import stratified_split, to_tensor_images
+from genpipe.outputs import staged, write_json
+
+RAW = Path("data/raw")
+METRICS = Path("metrics/prepare.json")
+MIN_PER_CLASS = 3  # one image per split at least
+
+
+def validate_classes(labels: np.ndarray, classes: list[str]) -> None:
+    counts = np.bincount(labels, minlength=len(classes))
+    for name, count in zip(classes, counts):
+        if count < MIN_PER_CLASS:
+            raise DataError(
+                f"class '{name}' has {count} image(s); every class needs at least "
+                f"{MIN_PER_CLASS} (one per split): add images or remove the class folder"
+            )
+
+
+def build_card(
+    splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str], source: str
+) -> dict[str, Any]:
+    """Counts per class per split, shape, value range and a content digest."""
+    digest = hashlib.sha256()
+    card: dict[str, Any] = {"source": source, "classes": classes, "splits": {}}
+    for name, (x, y) in splits.items():
+        digest.update(x.tobytes())
+        digest.update(y.tobytes())
+        counts = np.bincount(y, minlength=len(classes))
+        card["splits"][name] = {
+            "count": int(len(y)),
+            "per_class": {c: int(n) for c, n in zip(classes, counts)},
+            "min": float(x.min()),
+            "max": float(x.max()),
+            "mean": round(float(x.mean()), 6),
+        }
+    card["shape"] = list(next(iter(splits.values()))[0].shape[1:])
+    card["digest"] = digest.hexdigest()
+    return card
+
+
+def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
+    cfg = params.prepare
+    raw = read_raw(root / RAW)
+    validate_classes(raw.labels, raw.classes)
+    images = to_tensor_images(raw, cfg.image_size, cfg.channels)
+    index = stratified_split(raw.labels, cfg.train_frac, cfg.val_frac, params.base.seed)
+    splits = {s: (images[index[s]], raw.labels[index[s]]) for s in SPLITS}
+    card = build_card(splits, raw.classes, raw.source)
+
+    with tracking.stage_run("prepare", params, ("prepare",), [RAW], root) as run, staged(
+        root / PREPARED, root / METRICS
+    ) as (out, metrics_path):
+        for s in SPLITS:
+            write_split(out / s, *splits[s])
+        write_json(out / "card.json", card)
+        metrics = {
+            "num_classes": len(raw.classes),
+            **{f"{s}_count": card["splits"][s]["count"] for s in SPLITS},
+        }
+        write_json(metrics_path, {"card": card, **metrics})
+        run.log_metrics(metrics)
+        for s in SPLITS:
+            run.log_dataset(f"{raw.source}-{s}", card["digest"][:16], root / PREPARED / s, s)
+        run.log_image(_class_grid(*splits["train"], len(raw.classes)), "train_samples.png")
+        run.log_artifact(out / "card.json")
+        run.write_meta(out)
+    return card
+
+
+def _class_grid(x: np.ndarray, y: np.ndarray, num_classes: int, per_class: int = 8) -> np.ndarray:
+    """One row per class, for a first look at the data."""
+    picks = [x[np.flatnonzero(y == c)[:per_class]] for c in range(num_classes)]
+    rows = [np.concatenate([p, np.zeros((per_class - len(p), *x.shape[1:]), x.dtype)]) for p in picks]
+    return viz.image_grid(np.concatenate(rows), nrow=per_class)

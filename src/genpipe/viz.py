@@ -1,0 +1,31 @@
+"""Pictures people look at: image grids and curves, as arrays and PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def image_grid(images: torch.Tensor | np.ndarray, nrow: int, pad: int = 1, scale: int = 4) -> np.ndarray:
+    """(N, C, H, W) in [0, 1] -> uint8 (rows*H, nrow*W, 3) grid, upscaled for small images."""
+    x = torch.as_tensor(np.asarray(images, dtype=np.float32)).clamp(0, 1)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    n, c, h, w = x.shape
+    rows = (n + nrow - 1) // nrow
+    grid = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad) * 0.5
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y0, x0 = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, y0 : y0 + h, x0 : x0 + w] = x[i]
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return arr.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    """PNG written by Pillow with no metadata, so the bytes depend only on the pixels."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format="PNG", optimize=False)
