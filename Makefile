@@ -20,7 +20,7 @@ data: setup
 	genpipe data ensure
 
 repro: data
-	dvc repro
+	python -m flows.pipeline
 
 test: setup
 	pytest -q tests

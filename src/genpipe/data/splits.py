@@ -36,7 +36,7 @@ def to_tensor_images(data: RawDataset, image_size: int, channels: int) -> np.nda
                 f"{data.origins[i]}: image of shape {im.shape} cannot be converted to "
                 f"{channels}x{image_size}x{image_size} (need HxWx1, HxWx3 or HxWx4)"
             )
-        x = torch.from_numpy(np.ascontiguousarray(im[..., :3])).permute(2, 0, 1).float() / 255.0
+        x = torch.tensor(im[..., :3]).permute(2, 0, 1).float() / 255.0
         if x.shape[0] == 3 and channels == 1:
             x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
         elif x.shape[0] == 1 and channels == 3:

@@ -1,0 +1,69 @@
+"""Shared fixtures: an isolated MLflow store, a throwaway copy of the repo, a Prefect server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One SQLite store for the session (creating one costs seconds of migrations)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One Prefect server for every pipeline test, as the README recommends for speed."""
+    sys.path.insert(0, str(REPO))
+    from flows.server import local_server
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
+    with local_server() as url:
+        yield url
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout
+
+
+def copy_repo(dest: Path) -> Path:
+    """The committed and staged project files (no outputs, no .venv) in a new git repo."""
+    files = git(REPO, "ls-files", "--cached", "--others", "--exclude-standard").split("\n")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if not src.is_file() or rel.startswith(("metrics/", "plots/", "reports/")) or rel == "dvc.lock":
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / rel)
+    git(dest, "init", "-q")
+    git(dest, "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
+    git(dest, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy")
+    return dest
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 900) -> str:
+    """Run a project command; on failure show its output in the test report."""
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
