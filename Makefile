@@ -33,5 +33,8 @@ ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000 & \
 	prefect server start --host 127.0.0.1 --port 4200; kill %1
 
+serve: setup
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} python -m flows.deploy
+
 clean:
 	rm -rf data/prepared metrics plots reports checkpoints mlartifacts mlflow.db .dvc/tmp

@@ -1,12 +1,18 @@
-"""Prefect flow over the DVC DAG: each stage is a task that runs `dvc repro -s <stage>`.
+"""Prefect flows over the DVC DAG.
 
-DVC decides what is stale and caches outputs; Prefect shows each stage as a task run with
-its state, retries transient failures and keeps the history. `python -m flows.pipeline`
-is what `make repro` calls.
+`pipeline`: each dvc.yaml stage is a task that runs `dvc repro --single-item <stage>`; DVC
+decides what is stale and caches outputs, Prefect shows each stage's state and time,
+retries transient failures and keeps the history. `make repro` runs it.
+
+`retrain_and_promote`: optional data update (`dvc pull` / `dvc update`), the pipeline, then
+the registry decision, with a markdown summary and the sample grid as Prefect artifacts.
+This is the flow the nightly deployment schedules (flows/deploy.py, prefect.yaml).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import subprocess
 import sys
 import time
@@ -17,6 +23,19 @@ from typing import Any
 import yaml
 
 from flows.server import local_server
+from flows.stage import is_transient
+
+DECISION = Path("reports/register/decision.json")
+EVALUATION = Path("metrics/evaluate.json")
+SAMPLES = Path("plots/evaluate/samples_finetuned.png")
+
+
+class StageFailed(RuntimeError):
+    """A stage exited non-zero; `transient` says whether another try may succeed."""
+
+    def __init__(self, stage: str, output: str) -> None:
+        super().__init__(f"stage {stage} failed:\n{output}")
+        self.transient = is_transient(RuntimeError(output))
 
 
 def _outs(stage: dict[str, Any]) -> list[str]:
@@ -43,43 +62,105 @@ def stage_order(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
     return list(TopologicalSorter(graph).static_order())
 
 
-def repro_stage(name: str) -> dict[str, Any]:
-    """Run one stage through DVC; report whether it ran or was up to date, and its time."""
-    start = time.perf_counter()
-    proc = subprocess.run(
-        ["dvc", "repro", "--single-item", name], capture_output=True, text=True
-    )
+def run_dvc(*args: str) -> str:
+    proc = subprocess.run(["dvc", *args], capture_output=True, text=True)
     sys.stderr.write(proc.stderr)
     if proc.returncode != 0:
-        raise RuntimeError(f"stage {name} failed:\n{proc.stdout[-4000:]}{proc.stderr[-4000:]}")
-    if "didn't change, skipping" in proc.stdout:
+        raise StageFailed(" ".join(args), (proc.stdout + proc.stderr)[-4000:])
+    return proc.stdout
+
+
+def repro_stage(name: str) -> dict[str, Any]:
+    """Run one stage through DVC; report whether it ran, was up to date or came from cache."""
+    start = time.perf_counter()
+    out = run_dvc("repro", "--single-item", name)
+    if "didn't change, skipping" in out:
         outcome = "up to date"
-    elif "is cached - skipping run" in proc.stdout:
+    elif "is cached - skipping run" in out:
         outcome = "restored from run cache"
     else:
         outcome = "ran"
     return {"stage": name, "outcome": outcome, "seconds": round(time.perf_counter() - start, 1)}
 
 
-def build_flow() -> Any:
-    from prefect import flow, task
+def _retry_transient(_task: Any, _run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except StageFailed as exc:
+        return exc.transient
+    except Exception as exc:  # noqa: BLE001 - classify anything else the same way
+        return is_transient(exc)
+    return False
 
-    stage_task = task(repro_stage, name="dvc-repro-stage", retries=2, retry_delay_seconds=5)
+
+def summary_markdown(results: list[dict[str, Any]], decision: dict[str, Any] | None,
+                     evaluation: dict[str, Any] | None, tracking_uri: str) -> str:
+    lines = ["# genpipe retrain-and-promote", "", "| stage | outcome | seconds |", "|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['outcome']} | {r['seconds']} |" for r in results]
+    if evaluation:
+        keys = ["fid", "fid_floor", "fid_ratio", "precision", "recall", "class_consistency", "diversity"]
+        lines += ["", "| prior | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for prior in ("base", "finetuned"):
+            if prior in evaluation:
+                row = evaluation[prior]
+                lines.append(f"| {prior} | " + " | ".join(f"{row.get(k, float('nan')):.4g}" for k in keys) + " |")
+    if decision:
+        verdict = "promoted to **champion**" if decision["promote"] else "kept as **candidate**"
+        lines += ["", f"Version {decision['version']} {verdict}: {decision['reason']}."]
+    lines += ["", f"MLflow: `{tracking_uri}` (runs of experiment `genpipe`; `make ui` to browse)."]
+    return "\n".join(lines)
+
+
+def build_flows() -> tuple[Any, Any]:
+    from prefect import flow, task
+    from prefect.artifacts import create_image_artifact, create_markdown_artifact
+
+    stage_task = task(
+        repro_stage, name="dvc-repro-stage", retries=3, retry_delay_seconds=[5, 20, 60],
+        retry_condition_fn=_retry_transient,
+    )
+    data_task = task(run_dvc, name="dvc-data-update", retries=3, retry_delay_seconds=[5, 20, 60],
+                     retry_condition_fn=_retry_transient)
 
     @flow(name="pipeline")
     def pipeline() -> list[dict[str, Any]]:
-        results = []
-        for name in stage_order():
-            results.append(stage_task.with_options(name=name)(name))
-        return results
+        return [stage_task.with_options(name=name)(name) for name in stage_order()]
 
-    return pipeline
+    @flow(name="retrain_and_promote")
+    def retrain_and_promote(pull: bool = False, update_imports: bool = False) -> dict[str, Any]:
+        from genpipe.tracking import tracking_uri
+
+        if pull:
+            data_task.with_options(name="dvc-pull")("pull")
+        if update_imports:
+            data_task.with_options(name="dvc-update")("update", "-R", ".")
+        results = pipeline()
+        decision = json.loads(DECISION.read_text()) if DECISION.is_file() else None
+        evaluation = json.loads(EVALUATION.read_text()) if EVALUATION.is_file() else None
+        create_markdown_artifact(
+            summary_markdown(results, decision, evaluation, tracking_uri()),
+            key="genpipe-summary", description="stages, evaluation and promotion decision",
+        )
+        if SAMPLES.is_file():
+            data = base64.b64encode(SAMPLES.read_bytes()).decode()
+            create_image_artifact(f"data:image/png;base64,{data}", key="genpipe-samples",
+                                  description="fine-tuned prior, one class per row")
+        return {"stages": results, "decision": decision}
+
+    return pipeline, retrain_and_promote
+
+
+# Module-level flow objects, so `prefect deploy` can name an entrypoint.
+pipeline_flow, retrain_and_promote_flow = build_flows()
 
 
 def main() -> None:
+    which = sys.argv[1] if len(sys.argv) > 1 else "pipeline"
     with local_server():
-        results = build_flow()()
-    for r in results:
+        flow = pipeline_flow if which == "pipeline" else retrain_and_promote_flow
+        result = flow()
+    rows = result if isinstance(result, list) else result["stages"]
+    for r in rows:
         print(f"{r['stage']:<12} {r['outcome']:<24} {r['seconds']:>7.1f} s")
 
 

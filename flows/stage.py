@@ -7,6 +7,7 @@ remote that is briefly unreachable) are retried with backoff; bad input is not.
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -51,8 +52,15 @@ def stage_flow(name: str, run: Callable[[Params], Any]) -> Callable[..., Any]:
     return stage
 
 
+def _terminate(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
 def main(name: str, run: Callable[[Params], Any], argv: list[str] | None = None) -> None:
     """Entry point of `python -m flows.<stage>`: validate, then run the flow."""
+    # DVC and Prefect stop a stage with SIGTERM; make it unwind like Ctrl-C so staged
+    # outputs are cleaned up and the MLflow run is marked failed.
+    signal.signal(signal.SIGTERM, _terminate)
     args = sys.argv[1:] if argv is None else argv
     params_path = args[0] if args else "params.yaml"
     try:

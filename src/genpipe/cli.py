@@ -10,7 +10,16 @@ from pathlib import Path
 from genpipe.config import ParamsError, load_params
 from genpipe.data.raw import DataError
 
-STAGES = ("prepare",)
+
+def stage_names() -> list[str]:
+    """Every module in genpipe.stages with a `run(params)` (not the shared helpers)."""
+    import pkgutil
+
+    import genpipe.stages
+
+    return sorted(
+        m.name for m in pkgutil.iter_modules(genpipe.stages.__path__) if m.name != "common"
+    )
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
@@ -19,7 +28,9 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
     data = load_source(args.source, Path(args.path) if args.path else None)
     write_raw(data, Path(args.out))
-    print(f"wrote {len(data.labels)} images in {len(data.classes)} classes from {args.source} to {args.out}")
+    print(
+        f"wrote {len(data.labels)} images in {len(data.classes)} classes from {args.source} to {args.out}"
+    )
     return 0
 
 
@@ -65,11 +76,27 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Exit 0 only when the model reproduces; 1 when something differs; 2 when unauditable."""
+    from genpipe import audit, tracking
+
+    report = audit.audit(args.model, Path.cwd(), None if args.no_rerun else args.target)
+    md, js = audit.write_reports(report, Path(args.out))
+    tracking.log_report("audit", [md, js], {"audit.model": f"{report.model}/{report.version}",
+                                              "audit.verdict": report.verdict})
+    print(md.read_text())
+    for item in report.failures:
+        print(f"DIFFERS: {item.what}: {item.detail}", file=sys.stderr)
+    return {"reproduces": 0, "differs": 1}.get(report.verdict, 2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genpipe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="dataset commands").add_subparsers(dest="data_cmd", required=True)
+    data = sub.add_parser("data", help="dataset commands").add_subparsers(
+        dest="data_cmd", required=True
+    )
     fetch = data.add_parser("fetch", help="export a source to data/raw in the canonical format")
     fetch.add_argument("source", choices=["digits", "mnist", "fashion_mnist", "cifar10", "folder"])
     fetch.add_argument("--path", help="local copy / download root (torchvision) or image folder")
@@ -81,9 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     ensure.set_defaults(func=cmd_data_ensure)
 
     stage = sub.add_parser("stage", help="run one stage without Prefect")
-    stage.add_argument("name", choices=STAGES)
+    stage.add_argument("name", choices=stage_names())
     stage.add_argument("--params", default="params.yaml")
     stage.set_defaults(func=cmd_stage)
+    aud = sub.add_parser("audit", help="prove a registered model reproduces from its lineage")
+    aud.add_argument("--model", default="genpipe-generator@champion", help="NAME@ALIAS or NAME/VERSION")
+    aud.add_argument("--out", default="reports/audit")
+    aud.add_argument("--target", default="evaluate", help="last DVC stage to re-run")
+    aud.add_argument("--no-rerun", action="store_true", help="check lineage only, no re-run")
+    aud.set_defaults(func=cmd_audit)
     return parser
 
 

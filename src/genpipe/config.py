@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +22,10 @@ PARAMS_FILE = "params.yaml"
 
 class ParamsError(ValueError):
     """params.yaml is unreadable or invalid; the message names each bad key."""
+
+
+# `register` is a stage name; pydantic warns that it shadows BaseModel.register (unused here).
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
 class Section(BaseModel):
@@ -42,15 +49,119 @@ class Prepare(Section):
     def _fractions(self) -> Prepare:
         if self.train_frac + self.val_frac >= 1:
             raise ValueError(
-                f"train_frac + val_frac must be < 1 to leave a test split "
+                f"val_frac: train_frac + val_frac must be < 1 to leave a test split "
                 f"(got {self.train_frac} + {self.val_frac})"
             )
         return self
 
 
+class Optim(Section):
+    """Shared optimisation knobs; every training section embeds one as `optim`."""
+
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables clipping")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of weights; 0 disables")
+    checkpoint_every: int = Field(200, ge=0, description="steps between checkpoints; 0 = never")
+
+
+class Tokenizer(Section):
+    channels: list[int] = Field([32, 64], min_length=1)
+    num_res_blocks: int = Field(1, ge=0)
+    embed_dim: int = Field(64, ge=1)
+    quantizer: Literal["vq", "fsq"] = "vq"
+    codebook_size: int = Field(128, ge=2)
+    code_dim: int | None = Field(None, ge=1, description="projected code dim; null = embed_dim")
+    beta: float = Field(0.25, ge=0)
+    ema: bool = True
+    decay: float = Field(0.99, gt=0, lt=1)
+    kmeans_init: bool = True
+    dead_code_threshold: float = Field(1.0, ge=0)
+    cosine: bool = False
+    fsq_levels: list[int] = Field([8, 5, 5, 5], min_length=1)
+    recon_loss: Literal["l1", "l2"] = "l2"
+    perceptual_weight: float = Field(0.0, ge=0, description="needs the pretrain encoder")
+    disc_weight: float = Field(0.0, ge=0, description="PatchGAN hinge loss; 0 disables")
+    disc_start: int = Field(500, ge=0)
+    disc_layers: int = Field(1, ge=0)
+    disc_max_weight: float = Field(1.0, gt=0)
+    init_from_ssl: bool = False
+    optim: Optim = Optim()
+
+    @model_validator(mode="after")
+    def _codes(self) -> Tokenizer:
+        if self.quantizer == "vq" and self.code_dim is not None and self.code_dim > self.embed_dim:
+            raise ValueError(
+                f"code_dim: {self.code_dim} must not exceed embed_dim ({self.embed_dim}): "
+                "projected codes are lower-dimensional"
+            )
+        if self.quantizer == "fsq" and any(level < 2 for level in self.fsq_levels):
+            raise ValueError(f"fsq_levels: every level must be >= 2 (got {self.fsq_levels})")
+        return self
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    @property
+    def num_codes(self) -> int:
+        return self.codebook_size if self.quantizer == "vq" else math.prod(self.fsq_levels)
+
+    def arch(self, in_channels: int) -> dict[str, Any]:
+        """Constructor arguments of `VQAutoencoder`, as recorded in its model file."""
+        common = {
+            "in_channels": in_channels,
+            "channels": tuple(self.channels),
+            "num_res_blocks": self.num_res_blocks,
+            "embed_dim": self.embed_dim,
+            "quantizer": self.quantizer,
+        }
+        if self.quantizer == "fsq":
+            return {**common, "levels": tuple(self.fsq_levels)}
+        return {
+            **common,
+            "codebook_size": self.codebook_size,
+            "code_dim": self.code_dim,
+            "beta": self.beta,
+            "ema": self.ema,
+            "decay": self.decay,
+            "kmeans_init": self.kmeans_init,
+            "dead_code_threshold": self.dead_code_threshold,
+            "cosine": self.cosine,
+        }
+
+
+class Evaluate(Section):
+    samples_per_class: int = Field(100, ge=2, description="generated images per class")
+    knn_k: int = Field(3, ge=1, description="k of the k-NN precision/recall manifolds")
+
+
+class Register(Section):
+    prior: Literal["finetuned", "base"] = "finetuned"
+    primary_metric: Literal["fid_ratio", "fid", "precision", "recall", "class_consistency"] = (
+        "fid_ratio"
+    )
+
+
 class Params(Section):
     base: Base = Base()
     prepare: Prepare = Prepare()
+    tokenizer: Tokenizer = Tokenizer()
+    evaluate: Evaluate = Evaluate()
+    register: Register = Register()
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Params:
+        size, f = self.prepare.image_size, self.tokenizer.downsample
+        if size % f or size // f < 2:
+            raise ValueError(
+                f"tokenizer.channels: {len(self.tokenizer.channels)} levels downsample by {f}, "
+                f"which must divide prepare.image_size ({size}) and leave a grid of at least 2x2"
+            )
+        return self
 
     def section(self, name: str) -> dict[str, Any]:
         """Plain dict of one section (plus `base`), as logged to MLflow and hashed for lineage."""
@@ -66,12 +177,17 @@ class Params(Section):
 def _format_errors(exc: ValidationError, path: Path) -> str:
     lines = [f"{path}: invalid parameters (fix these keys and run again):"]
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        key = ".".join(str(p) for p in err["loc"])
         got = err.get("input")
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
+        # validators name their key first ("code_dim: ..."); make it a full dotted path
+        if err["type"] == "value_error" and (m := re.match(r"([a-z_][a-z0-9_.]*): (.*)", msg)):
+            key, msg = ".".join(filter(None, [key, m.group(1)])), m.group(2)
         if err["type"] == "extra_forbidden":
             msg = "unknown key (a typo? check the section's allowed keys in README)"
-        got_repr = "" if isinstance(got, dict) else f" (got {got!r})"
+        got_repr = (
+            "" if isinstance(got, dict) or err["type"] == "value_error" else f" (got {got!r})"
+        )
         lines.append(f"  - {key}: {msg}{got_repr}")
     return "\n".join(lines)
 

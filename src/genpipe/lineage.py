@@ -85,9 +85,7 @@ def dvc_lock_md5s(root: Path, stage: str) -> dict[str, str]:
     stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
     entry = stages.get(stage, {})
     return {
-        item["path"]: item.get("md5", "")
-        for key in ("deps", "outs")
-        for item in entry.get(key, [])
+        item["path"]: item.get("md5", "") for key in ("deps", "outs") for item in entry.get(key, [])
     }
 
 

@@ -76,6 +76,21 @@ class StageRun:
         clean = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, int | float)}
         self.mlflow.log_metrics(clean, step=step)
 
+    def log_history(self, rows: list[dict[str, float]], prefix: str = "train/") -> None:
+        """Curves in one batched write: rows of {"step": s, name: value, ...}."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(f"{prefix}{k}", float(v), now, int(row["step"]))
+            for row in rows
+            for k, v in row.items()
+            if k != "step"
+        ]
+        client = self.mlflow.MlflowClient()
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+
     def log_image(self, image: np.ndarray, name: str) -> None:
         """`image`: HxW or HxWxC, float in [0,1] or uint8."""
         self.mlflow.log_image(image, artifact_file=f"images/{name}")
@@ -90,13 +105,22 @@ class StageRun:
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.data.sources import LocalArtifactDatasetSource
 
-        ds = MetaDataset(LocalArtifactDatasetSource(str(source.resolve())), name=name, digest=digest)
+        ds = MetaDataset(
+            LocalArtifactDatasetSource(str(source.resolve())), name=name, digest=digest
+        )
         self.mlflow.log_input(ds, context=context)
 
     def log_torch_model(self, model: Any, name: str, input_example: np.ndarray) -> str:
-        """Log a torch module as an MLflow model; returns its model URI."""
+        """Log a torch module as an MLflow model (a record of the stage's weights, loadable
+        with mlflow.pytorch.load_model); returns its model URI. Serving-input validation is
+        off: it round-trips the example through JSON as float64, which a float32 model rejects.
+        The servable model is the registered generator (registry.py)."""
         info = self.mlflow.pytorch.log_model(
-            model, name=name, input_example=input_example, serialization_format="pickle"
+            model,
+            name=name,
+            input_example=input_example,
+            serialization_format="pickle",
+            validate_serving_input=False,
         )
         return str(info.model_uri)
 
@@ -115,11 +139,14 @@ def stage_run(
     sections: tuple[str, ...],
     deps: list[Path],
     root: Path | None = None,
+    outs: list[Path] | None = None,
 ) -> Iterator[StageRun]:
     """An MLflow run for one stage execution, tagged with everything needed to reproduce it.
 
     `deps` are the stage's input files/folders; their md5s (DVC's scheme) and the run ids in
-    their meta.json become tags. The run ends FAILED if the body raises.
+    their meta.json become tags. After the body, the md5 of every file of `outs` (but the
+    run-specific meta.json) is logged as `lineage/outputs.json`: what an audit re-run must
+    reproduce byte for byte. The run ends FAILED if the body raises.
     """
     root = root or Path.cwd()
     mlflow = _mlflow()
@@ -155,7 +182,70 @@ def stage_run(
     start = time.perf_counter()
     with mlflow.start_run(run_name=stage, tags={k: str(v) for k, v in tags.items()}) as run:
         meta["run_id"] = run.info.run_id
-        mlflow.log_params(flatten({s: getattr(params, s).model_dump() for s in ("base", *sections)}))
+        mlflow.log_params(
+            flatten({s: getattr(params, s).model_dump() for s in ("base", *sections)})
+        )
         handle = StageRun(mlflow, run.info.run_id, stage, meta)
         yield handle
         mlflow.log_metric("wall_seconds", time.perf_counter() - start)
+        mlflow.log_dict(output_digests(root, outs or []), "lineage/outputs.json")
+        mlflow.log_dict(meta, "lineage/meta.json")
+
+
+def output_digests(root: Path, outs: list[Path]) -> dict[str, str]:
+    """{relative file path: md5} of every output file except meta.json (it names the run)."""
+    digests: dict[str, str] = {}
+    for out in outs:
+        path = root / out
+        if path.is_file():
+            digests[out.as_posix()] = lineage.file_md5(path)
+        elif path.is_dir():
+            for e in lineage.dir_entries(path, exclude=(lineage.META_FILE,)):
+                digests[f"{out.as_posix()}/{e['relpath']}"] = e["md5"]
+    return digests
+
+
+# -- reading lineage back (audit, registry) ----------------------------------------------------
+
+
+def run_record(run_id: str) -> dict[str, Any]:
+    """A stage run's tags, params and its logged lineage files (meta and output digests)."""
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    record: dict[str, Any] = {
+        "run_id": run_id,
+        "status": run.info.status,
+        "tags": dict(run.data.tags),
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+    }
+    for name in ("meta", "outputs"):
+        try:
+            record[name] = mlflow.artifacts.load_dict(f"runs:/{run_id}/lineage/{name}.json")
+        except Exception:  # noqa: BLE001 - missing artifact is reported by the caller
+            record[name] = None
+    return record
+
+
+def resolve_model(spec: str) -> tuple[str, str, str]:
+    """`NAME@ALIAS` or `NAME/VERSION` -> (name, version, run_id of the run that logged it)."""
+    client = _mlflow().MlflowClient()
+    if "@" in spec:
+        name, alias = spec.split("@", 1)
+        mv = client.get_model_version_by_alias(name, alias)
+    elif "/" in spec:
+        name, version = spec.rsplit("/", 1)
+        mv = client.get_model_version(name, version)
+    else:
+        raise ValueError(f"model {spec!r}: expected NAME@ALIAS or NAME/VERSION")
+    return mv.name, mv.version, mv.run_id
+
+
+def log_report(stage: str, files: list[Path], tags: dict[str, Any]) -> str:
+    """A small run holding report files (e.g. an audit), tagged to what it reports on."""
+    mlflow = _mlflow()
+    with mlflow.start_run(run_name=stage, tags={k: str(v) for k, v in tags.items()}) as run:
+        for f in files:
+            mlflow.log_artifact(str(f), artifact_path=stage)
+        return str(run.info.run_id)

@@ -34,7 +34,9 @@ def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("base.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+        raise RuntimeError(
+            "base.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'"
+        )
     return torch.device(requested)
 
 
@@ -122,27 +124,6 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     generator.set_state(state["generator"])
 
 
-def load_checked(path: Path, arch: dict[str, Any]) -> dict[str, Any]:
-    """Load a checkpoint and refuse one made for another architecture, naming the difference."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"{path}: not a readable checkpoint ({exc}); delete it to start over") from exc
-    if not isinstance(ckpt, dict) or "arch" not in ckpt:
-        raise ValueError(f"{path}: not a genpipe checkpoint (no 'arch' record); delete it to start over")
-    if ckpt["arch"] != arch:
-        diff = {
-            k: (ckpt["arch"].get(k), arch.get(k))
-            for k in sorted(set(ckpt["arch"]) | set(arch))
-            if ckpt["arch"].get(k) != arch.get(k)
-        }
-        raise ValueError(
-            f"{path}: checkpoint is for another architecture (saved vs params: {diff}); "
-            "delete it or restore the params it was made with"
-        )
-    return ckpt
-
-
 def progress(total: int, desc: str, initial: int = 0) -> tqdm:
     """A progress bar on stderr; quiet when stderr is not a terminal, except for a few updates."""
     return tqdm(
@@ -165,3 +146,35 @@ def steps(start: int, total: int, desc: str) -> Iterator[int]:
             bar.update(1)
     finally:
         bar.close()
+
+
+class Checkpoint:
+    """Resumable training state under checkpoints/<stage>/last.pt.
+
+    A checkpoint is only resumed when its fingerprint (params hash + input digests) matches the
+    current run, so a changed param or dataset starts fresh instead of silently continuing.
+    Removed once the stage has written its outputs.
+    """
+
+    def __init__(self, path: Path, fingerprint: str, every: int) -> None:
+        self.path, self.fingerprint, self.every = path, fingerprint, every
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception:  # noqa: BLE001 - a torn or foreign file is simply not resumable
+            return None
+        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
+            return None
+        return state
+
+    def maybe_save(self, step: int, total: int, state: dict[str, Any]) -> None:
+        """Save after every `every` steps (not after the last: the outputs take over)."""
+        done = step + 1
+        if self.every > 0 and done % self.every == 0 and done < total:
+            atomic_torch_save({**state, "step": done, "fingerprint": self.fingerprint}, self.path)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)

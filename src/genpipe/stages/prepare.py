@@ -61,9 +61,12 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     splits = {s: (images[index[s]], raw.labels[index[s]]) for s in SPLITS}
     card = build_card(splits, raw.classes, raw.source)
 
-    with tracking.stage_run("prepare", params, ("prepare",), [RAW], root) as run, staged(
-        root / PREPARED, root / METRICS
-    ) as (out, metrics_path):
+    with (
+        tracking.stage_run(
+            "prepare", params, ("prepare",), [RAW], root, outs=[PREPARED, METRICS]
+        ) as run,
+        staged(root / PREPARED, root / METRICS) as (out, metrics_path),
+    ):
         for s in SPLITS:
             write_split(out / s, *splits[s])
         write_json(out / "card.json", card)
@@ -84,5 +87,7 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
 def _class_grid(x: np.ndarray, y: np.ndarray, num_classes: int, per_class: int = 8) -> np.ndarray:
     """One row per class, for a first look at the data."""
     picks = [x[np.flatnonzero(y == c)[:per_class]] for c in range(num_classes)]
-    rows = [np.concatenate([p, np.zeros((per_class - len(p), *x.shape[1:]), x.dtype)]) for p in picks]
+    rows = [
+        np.concatenate([p, np.zeros((per_class - len(p), *x.shape[1:]), x.dtype)]) for p in picks
+    ]
     return viz.image_grid(np.concatenate(rows), nrow=per_class)
