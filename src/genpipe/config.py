@@ -134,6 +134,127 @@ class Tokenizer(Section):
         }
 
 
+class Pretrain(Section):
+    method: Literal["simclr", "mae"] = "simclr"
+    temperature: float = Field(0.2, gt=0, description="NT-Xent temperature (simclr)")
+    proj_dim: int = Field(64, ge=1, description="projection head output (simclr)")
+    crop_scale: list[float] = Field([0.6, 1.0], min_length=2, max_length=2)
+    degrees: float = Field(10.0, ge=0, le=180)
+    translate: float = Field(0.1, ge=0, lt=1)
+    noise_std: float = Field(0.05, ge=0)
+    mask_ratio: float = Field(0.5, gt=0, lt=1, description="share of patches masked (mae)")
+    patch_size: int = Field(2, ge=1, description="mae patch size in pixels")
+    knn_k: int = Field(5, ge=1)
+    optim: Optim = Optim()
+
+
+class Judge(Section):
+    arch: Literal["cnn", "resnet", "mlp"] = "cnn"
+    width: int = Field(32, ge=4)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    seed: int = Field(1, ge=0, description="each judge has its own seed")
+    optim: Optim = Optim()
+
+
+class Judges(Section):
+    reward: Judge = Judge(arch="cnn", seed=1)
+    evaluator: Judge = Judge(arch="resnet", seed=2)
+
+    @model_validator(mode="after")
+    def _independent(self) -> Judges:
+        if self.reward.arch == self.evaluator.arch or self.reward.seed == self.evaluator.seed:
+            raise ValueError(
+                "evaluator: must differ from the reward judge in arch and seed, so reward "
+                "hacking shows up in evaluation"
+            )
+        return self
+
+
+class Prior(Section):
+    kind: Literal["ar", "diffusion"] = "ar"
+    dim: int = Field(128, ge=8)
+    depth: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    class_dropout: float = Field(0.1, ge=0, lt=1)
+    pos: Literal["rope2d", "learned"] = "rope2d"
+    cfg_scale: float = Field(2.0, ge=0, description="classifier-free guidance at sampling")
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    formulation: Literal["flow_matching", "edm", "ddpm"] = "flow_matching"
+    prediction: Literal["eps", "v"] = Field("v", description="ddpm target")
+    sampler: Literal["euler", "heun", "ddim"] = "euler"
+    sampling_steps: int = Field(20, ge=1)
+    eta: float = Field(0.0, ge=0, description="ddim stochasticity")
+    samples_per_class: int = Field(50, ge=1, description="for the consistency metric")
+    compile: bool = Field(False, description="torch.compile on CUDA")
+    optim: Optim = Optim()
+
+    @model_validator(mode="after")
+    def _heads(self) -> Prior:
+        if self.dim % self.heads:
+            raise ValueError(f"heads: dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.eta > 0 and self.sampler != "ddim":
+            raise ValueError(f"eta: only the ddim sampler takes eta > 0 (sampler is {self.sampler})")
+        return self
+
+
+BUILTIN_REWARDS = ("class_confidence", "compressibility")  # genpipe.rewards.BUILTINS
+
+
+class Finetune(Section):
+    """GRPO fine-tuning of the prior against the reward judge, held near the frozen prior by a
+    KL penalty (beta) and a hard bound (kl_bound, KL per sample over the whole generation)."""
+
+    steps: int = Field(60, ge=1, description="policy-gradient steps (one batch of samples each)")
+    prompts_per_step: int = Field(10, ge=1, description="class labels per step, cycled")
+    group_size: int = Field(8, ge=2, description="samples per prompt; advantages within a group")
+    inner_iters: int = Field(2, ge=1, description="optimiser updates per batch of samples")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip of the importance ratio")
+    beta: float = Field(0.05, ge=0, description="weight of the k3 KL penalty to the prior")
+    kl_bound: float = Field(5.0, gt=0, description="stop early when the KL per sample passes it")
+    lr: float = Field(1e-4, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables clipping")
+    rewards: dict[str, float] = Field(
+        {"class_confidence": 1.0}, min_length=1, description="reward name -> weight"
+    )
+    reward_entry_points: dict[str, str] = Field(
+        {}, description='your own rewards: name -> "module:function" (see genpipe.rewards)'
+    )
+    cfg_scale: float = Field(1.0, ge=0, description="guidance while sampling for RL; 1 = off")
+    temperature: float = Field(1.0, gt=0, description="ar sampling temperature for RL")
+    diffusion_eta: float = Field(1.0, gt=0, description="ddim stochasticity for RL (diffusion)")
+    train_step_fraction: float = Field(
+        0.5, gt=0, le=1, description="share of denoising steps trained per batch (diffusion)"
+    )
+    eval_samples_per_class: int = Field(50, ge=2, description="for the before/after metrics")
+    checkpoint_every: int = Field(20, ge=0, description="steps between checkpoints; 0 = never")
+
+    @model_validator(mode="after")
+    def _rewards(self) -> Finetune:
+        for name, spec in self.reward_entry_points.items():
+            if name in BUILTIN_REWARDS:
+                raise ValueError(
+                    f"reward_entry_points.{name}: shadows the built-in reward; pick another name"
+                )
+            if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", spec):
+                raise ValueError(
+                    f"reward_entry_points.{name}: expected 'module:function', got {spec!r}"
+                )
+        allowed = ", ".join(sorted({*BUILTIN_REWARDS, *self.reward_entry_points}))
+        for name, weight in self.rewards.items():
+            if name not in BUILTIN_REWARDS and name not in self.reward_entry_points:
+                raise ValueError(
+                    f"rewards.{name}: unknown reward; allowed: {allowed} "
+                    "(add your own under finetune.reward_entry_points)"
+                )
+            if not math.isfinite(weight):
+                raise ValueError(f"rewards.{name}: weight must be finite (got {weight})")
+        return self
+
+
 class Evaluate(Section):
     samples_per_class: int = Field(100, ge=2, description="generated images per class")
     knn_k: int = Field(3, ge=1, description="k of the k-NN precision/recall manifolds")
@@ -149,7 +270,11 @@ class Register(Section):
 class Params(Section):
     base: Base = Base()
     prepare: Prepare = Prepare()
+    pretrain: Pretrain = Pretrain()
+    judges: Judges = Judges()
     tokenizer: Tokenizer = Tokenizer()
+    prior: Prior = Prior()
+    finetune: Finetune = Finetune()
     evaluate: Evaluate = Evaluate()
     register: Register = Register()
 

@@ -112,15 +112,17 @@ class StageRun:
 
     def log_torch_model(self, model: Any, name: str, input_example: np.ndarray) -> str:
         """Log a torch module as an MLflow model (a record of the stage's weights, loadable
-        with mlflow.pytorch.load_model); returns its model URI. Serving-input validation is
-        off: it round-trips the example through JSON as float64, which a float32 model rejects.
-        The servable model is the registered generator (registry.py)."""
+        with mlflow.pytorch.load_model); returns its model URI. The input is described by a
+        signature rather than an example: MLflow's example check round-trips it through JSON
+        as float64, which a float32 module rejects. The servable model is the registered
+        generator (registry.py)."""
+        from mlflow.models import infer_signature
+
         info = self.mlflow.pytorch.log_model(
             model,
             name=name,
-            input_example=input_example,
+            signature=infer_signature(input_example),
             serialization_format="pickle",
-            validate_serving_input=False,
         )
         return str(info.model_uri)
 

@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 
-def image_grid(images: torch.Tensor | np.ndarray, nrow: int, pad: int = 1, scale: int = 4) -> np.ndarray:
+def image_grid(
+    images: torch.Tensor | np.ndarray, nrow: int, pad: int = 1, scale: int = 4
+) -> np.ndarray:
     """(N, C, H, W) in [0, 1] -> uint8 (rows*H, nrow*W, 3) grid, upscaled for small images."""
     x = torch.as_tensor(np.asarray(images, dtype=np.float32)).clamp(0, 1)
     if x.shape[1] == 1:

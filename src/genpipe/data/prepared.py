@@ -29,7 +29,9 @@ def load_split(split: str, root: Path = PREPARED) -> tuple[torch.Tensor, torch.T
     except FileNotFoundError as exc:
         raise DataError(f"{exc.filename}: missing; run `dvc repro prepare` first") from None
     except ValueError as exc:
-        raise DataError(f"{folder}: corrupt prepared split ({exc}); run `dvc repro prepare`") from None
+        raise DataError(
+            f"{folder}: corrupt prepared split ({exc}); run `dvc repro prepare`"
+        ) from None
     if x.ndim != 4 or len(x) != len(y):
         raise DataError(f"{folder}: images {x.shape} and labels {y.shape} disagree")
     return torch.from_numpy(x), torch.from_numpy(y)

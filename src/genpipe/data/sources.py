@@ -101,9 +101,7 @@ def _read_image(file: Path) -> np.ndarray:
             mode = "L" if im.mode in ("1", "L", "I;16", "I", "F") else "RGB"
             arr = np.asarray(im.convert(mode), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(
-            f"folder: cannot read image {file} ({exc}); remove or replace it"
-        ) from None
+        raise DataError(f"folder: cannot read image {file} ({exc}); remove or replace it") from None
     return arr[..., None] if arr.ndim == 2 else arr
 
 

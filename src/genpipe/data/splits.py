@@ -43,7 +43,10 @@ def to_tensor_images(data: RawDataset, image_size: int, channels: int) -> np.nda
             x = x.expand(3, -1, -1)
         if x.shape[1:] != (image_size, image_size):
             x = F.interpolate(
-                x[None], size=(image_size, image_size), mode="bilinear", antialias=True,
+                x[None],
+                size=(image_size, image_size),
+                mode="bilinear",
+                antialias=True,
                 align_corners=False,
             )[0]
         out[i] = x.clamp(0, 1).numpy()
