@@ -1,0 +1,157 @@
+"""Stage-2 prior benchmark: AR sampling with/without KV cache, AR training throughput and its
+share of the measured matmul peak, diffusion sampling speed per sampler.
+
+    python bench/prior_bench.py [--device cpu|cuda] [--threads N]
+
+Timings are the best of a few repeats after a warm-up call; on a shared CPU they are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from genpipe.models.diffusion import SAMPLERS, Denoiser, make_formulation, sample
+from genpipe.models.transformer import ARPrior
+
+# the prior defaults (params.yaml `prior`): AR and diffusion architectures
+AR_ARCH = dict(dim=64, depth=3, heads=4, dropout=0.1, pos="learned")
+DIFF_ARCH = dict(dim=64, depth=2, heads=4)
+VOCAB, CLASSES, LATENT_DIM = 128, 10, 4
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3, warmup: bool = True):
+    """Seconds per call: the best of `repeats` calls (after a warm-up call), the least disturbed
+    by other processes on a shared machine."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def matmul_peak(device: torch.device) -> float:
+    """FLOP/s of a large square matmul in the dtype training runs in (bf16 on CUDA)."""
+    n = 8192 if device.type == "cuda" else 2048
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / timed(lambda: a @ b, device, repeats=5)
+
+
+def bench_ar_sampling(device: torch.device, grid: tuple[int, int], n: int = 64) -> None:
+    torch.manual_seed(0)
+    model = ARPrior(VOCAB, grid, CLASSES, **AR_ARCH).to(device).eval()
+    labels = torch.arange(n, device=device) % CLASSES
+    result = {}
+    for use_cache in (True, False):
+
+        def run(use_cache: bool = use_cache) -> None:
+            g = torch.Generator().manual_seed(0)
+            with autocast(device):
+                model.sample(labels, g, cfg_scale=2.0, use_cache=use_cache)
+
+        # the uncached run is long enough to need no warm-up (the cached one warmed the code)
+        result[use_cache] = timed(run, device, repeats=3 if use_cache else 1, warmup=use_cache)
+    print(
+        f"AR sampling {n} samples, grid {grid[0]}x{grid[1]} ({grid[0] * grid[1]} codes), CFG on: "
+        f"KV cache {result[True]:.3f} s, no cache {result[False]:.3f} s, "
+        f"speed-up {result[False] / result[True]:.1f}x"
+    )
+
+
+def ar_train_flops_per_token(model: ARPrior) -> float:
+    """Matmul FLOPs per trained token: 6 x non-embedding params (forward 2, backward 4) plus
+    attention scores and mixing, 6 x 2 x depth x dim x seq_len (nanoGPT/PaLM appendix B)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    n_params -= model.tok_emb.weight.numel() + model.class_emb.weight.numel()
+    if model.pos == "learned":
+        n_params -= model.pos_emb.weight.numel()
+    dim = model.head.in_features
+    return 6 * n_params + 12 * model.depth * dim * model.seq_len
+
+
+def bench_ar_training(device: torch.device, arch: dict, batch: int) -> None:
+    """Training steps/s and achieved matmul FLOP/s against the peak measured just before."""
+    peak = matmul_peak(device)
+    torch.manual_seed(0)
+    grid = (4, 4)
+    model = ARPrior(VOCAB, grid, CLASSES, **arch).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator(device=device).manual_seed(0)
+    codes = torch.randint(0, VOCAB, (batch, 16), device=device, generator=g)
+    labels = torch.randint(0, CLASSES, (batch,), device=device, generator=g)
+    dg = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        for _ in range(5):
+            with autocast(device):
+                loss = model.loss(codes, labels, dg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    seconds = timed(step, device) / 5
+    tokens = batch * model.seq_len
+    flops = ar_train_flops_per_token(model) * tokens / seconds
+    print(
+        f"AR training {arch} batch {batch}: {tokens / seconds:,.0f} codes/s, "
+        f"{flops / 1e9:.1f} GFLOP/s = {100 * flops / peak:.0f}% of matmul peak "
+        f"({peak / 1e9:.1f} GFLOP/s)"
+    )
+
+
+def bench_diffusion(device: torch.device, n: int = 64, steps: int = 20) -> None:
+    torch.manual_seed(0)
+    net = Denoiser(LATENT_DIM, (4, 4), CLASSES, **DIFF_ARCH).to(device).eval()
+    form = make_formulation("flow_matching")
+    labels = torch.arange(n, device=device) % CLASSES
+    for sampler in SAMPLERS:
+        nfe = 2 * steps - 1 if sampler == "heun" else steps
+
+        def run(sampler: str = sampler) -> None:
+            g = torch.Generator().manual_seed(0)
+            eta = 1.0 if sampler == "ddim" else 0.0
+            with autocast(device):
+                sample(net, form, labels, g, steps, sampler, cfg_scale=2.0, eta=eta)
+
+        seconds = timed(run, device)
+        print(
+            f"diffusion {sampler:5s} {n} samples x {steps} steps ({nfe} NFE, CFG on): "
+            f"{seconds:.3f} s, {n / seconds:,.0f} images/s, "
+            f"{n * nfe / seconds:,.0f} image-NFE/s"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"device {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+    for grid in ((4, 4), (16, 16)):
+        bench_ar_sampling(device, grid)
+    bench_ar_training(device, AR_ARCH, batch=64)
+    bench_ar_training(device, dict(dim=256, depth=4, heads=4, pos="learned"), batch=256)
+    bench_diffusion(device)
+
+
+if __name__ == "__main__":
+    main()
