@@ -28,6 +28,7 @@ from flows.stage import is_transient
 DECISION = Path("reports/register/decision.json")
 EVALUATION = Path("metrics/evaluate.json")
 SAMPLES = Path("plots/evaluate/samples_finetuned.png")
+RETRY_DELAYS = [5, 20, 60]  # seconds between tries of a transient failure
 
 
 class StageFailed(RuntimeError):
@@ -115,12 +116,10 @@ def build_flows() -> tuple[Any, Any]:
     from prefect import flow, task
     from prefect.artifacts import create_image_artifact, create_markdown_artifact
 
-    stage_task = task(
-        repro_stage, name="dvc-repro-stage", retries=3, retry_delay_seconds=[5, 20, 60],
-        retry_condition_fn=_retry_transient,
-    )
-    data_task = task(run_dvc, name="dvc-data-update", retries=3, retry_delay_seconds=[5, 20, 60],
-                     retry_condition_fn=_retry_transient)
+    retry = {"retries": len(RETRY_DELAYS), "retry_delay_seconds": RETRY_DELAYS,
+             "retry_condition_fn": _retry_transient}
+    stage_task = task(repro_stage, name="dvc-repro-stage", **retry)
+    data_task = task(lambda *args: run_dvc(*args), name="dvc-data-update", **retry)
 
     @flow(name="pipeline")
     def pipeline() -> list[dict[str, Any]]:
@@ -156,8 +155,11 @@ pipeline_flow, retrain_and_promote_flow = build_flows()
 
 def main() -> None:
     which = sys.argv[1] if len(sys.argv) > 1 else "pipeline"
-    with local_server():
-        flow = pipeline_flow if which == "pipeline" else retrain_and_promote_flow
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    flow = pipeline_flow if which == "pipeline" else retrain_and_promote_flow
+    # prefect is imported (and its settings read) already: point this process at the server
+    with local_server() as api_url, temporary_settings({PREFECT_API_URL: api_url}):
         result = flow()
     rows = result if isinstance(result, list) else result["stages"]
     for r in rows:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from genpipe import lineage
+from genpipe import distributed, lineage
 from genpipe.config import Params
 from genpipe.training import Checkpoint, pick_device, seed_everything
 
@@ -20,6 +20,7 @@ class StageContext:
     device: torch.device
     generator: torch.Generator
     checkpoint: Checkpoint
+    world: distributed.World
 
 
 def start(
@@ -30,13 +31,18 @@ def start(
     root: Path,
     checkpoint_every: int,
 ) -> StageContext:
-    """Seed, pick the device and find the resumable checkpoint for this exact params+inputs."""
+    """Seed, pick the device, join a torchrun process group if there is one, and find the
+    resumable checkpoint for this exact params + inputs (saved by rank 0 only)."""
+    world = distributed.init()
     generator = seed_everything(params.base.seed)
     device = pick_device(params.base.device)
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
     digests = "".join(lineage.dvc_md5(root / d) for d in deps if (root / d).exists())
     fingerprint = params.digest(*sections) + ":" + digests
-    ckpt = Checkpoint(root / CHECKPOINTS / stage / "last.pt", fingerprint, checkpoint_every)
-    return StageContext(device, generator, ckpt)
+    every = checkpoint_every if world.is_main else 0
+    ckpt = Checkpoint(root / CHECKPOINTS / stage / "last.pt", fingerprint, every)
+    return StageContext(device, generator, ckpt, world)
 
 
 def write_curve(rows: list[dict[str, float]], path: Path) -> None:

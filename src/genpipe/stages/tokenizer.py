@@ -69,8 +69,12 @@ def train(
 ) -> tuple[VQAutoencoder, list[dict[str, float]]]:
     """Train from scratch or resume `ctx.checkpoint`; returns the (EMA) model and the curve."""
     cfg, opt_cfg = params.tokenizer, params.tokenizer.optim
-    device = ctx.device
+    device, world = ctx.device, ctx.world
     model = build(params).to(device)
+    if world.size > 1 and hasattr(model.quantizer, "reduce"):
+        # codebook statistics summed over ranks; (re)initialised codes taken from rank 0
+        model.quantizer.reduce = world.all_reduce_sum
+        model.quantizer.broadcast = world.broadcast
     if cfg.init_from_ssl and ssl_encoder is not None:
         model.encoder.load_state_dict(ssl_encoder.state_dict())
     perceptual = PerceptualLoss(ssl_encoder).to(device) if cfg.perceptual_weight > 0 else None
@@ -99,11 +103,13 @@ def train(
     rec_fn = F.l1_loss if cfg.recon_loss == "l1" else F.mse_loss
     use_gan = cfg.disc_weight > 0
     x_all = train_x.to(device)
+    net = world.wrap(model, device)  # DDP averages gradients across ranks
     model.train()
     for step in steps(start, opt_cfg.steps, "tokenizer"):
-        x = x_all[batch_indices(len(x_all), opt_cfg.batch_size, params.base.seed, step).to(device)]
+        idx = batch_indices(len(x_all), opt_cfg.batch_size, params.base.seed, step)
+        x = x_all[world.shard(idx).to(device)]
         with autocast(device):
-            x_hat, codes, q_loss, stats = model(x)
+            x_hat, codes, q_loss, stats = net(x)
             rec = rec_fn(x_hat.float(), x)
             if perceptual is not None:
                 rec = rec + cfg.perceptual_weight * perceptual(x_hat, x)
@@ -198,6 +204,9 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     train_x, _ = load_split("train", root / PREPARED)
     splits = {s: load_split(s, root / PREPARED) for s in ("val", "test")}
     ssl_encoder = _ssl_encoder(params, root) if needs_ssl else None
+    if not ctx.world.is_main:  # other torchrun ranks train alongside rank 0, which writes
+        train(params, train_x, ctx, ssl_encoder)
+        return {}
 
     with (
         tracking.stage_run(
