@@ -4,6 +4,8 @@ Both run in training mode with matched options (codebook size, dim, EMA decay, c
 weight, dead-code threshold, cosine or not; k-means init off in both; plain straight-through,
 so the other library's rotation trick is off). Timings alternate between the two so that load
 from other processes hits both alike. Usage: `python bench/quantizer_throughput.py [--threads N]`.
+On a busy machine run it with OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads that lose their
+core to other processes otherwise dominate every timing.
 """
 
 from __future__ import annotations

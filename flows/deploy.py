@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> None:
             "PREFECT_API_URL=http://127.0.0.1:4200/api, so the schedule outlives this process"
         )
     retrain_and_promote_flow.serve(
-        name=args.name, cron=args.cron, parameters={"pull": args.pull},
+        name=args.name,
+        cron=args.cron,
+        parameters={"pull": args.pull},
         description="nightly: data update, dvc repro, promotion decision",
     )
 

@@ -94,17 +94,33 @@ def _retry_transient(_task: Any, _run: Any, state: Any) -> bool:
     return False
 
 
-def summary_markdown(results: list[dict[str, Any]], decision: dict[str, Any] | None,
-                     evaluation: dict[str, Any] | None, tracking_uri: str) -> str:
+def summary_markdown(
+    results: list[dict[str, Any]],
+    decision: dict[str, Any] | None,
+    evaluation: dict[str, Any] | None,
+    tracking_uri: str,
+) -> str:
     lines = ["# genpipe retrain-and-promote", "", "| stage | outcome | seconds |", "|---|---|---|"]
     lines += [f"| {r['stage']} | {r['outcome']} | {r['seconds']} |" for r in results]
     if evaluation:
-        keys = ["fid", "fid_floor", "fid_ratio", "precision", "recall", "class_consistency", "diversity"]
+        keys = [
+            "fid",
+            "fid_floor",
+            "fid_ratio",
+            "precision",
+            "recall",
+            "class_consistency",
+            "diversity",
+        ]
         lines += ["", "| prior | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for prior in ("base", "finetuned"):
             if prior in evaluation:
                 row = evaluation[prior]
-                lines.append(f"| {prior} | " + " | ".join(f"{row.get(k, float('nan')):.4g}" for k in keys) + " |")
+                lines.append(
+                    f"| {prior} | "
+                    + " | ".join(f"{row.get(k, float('nan')):.4g}" for k in keys)
+                    + " |"
+                )
     if decision:
         verdict = "promoted to **champion**" if decision["promote"] else "kept as **candidate**"
         lines += ["", f"Version {decision['version']} {verdict}: {decision['reason']}."]
@@ -116,8 +132,11 @@ def build_flows() -> tuple[Any, Any]:
     from prefect import flow, task
     from prefect.artifacts import create_image_artifact, create_markdown_artifact
 
-    retry = {"retries": len(RETRY_DELAYS), "retry_delay_seconds": RETRY_DELAYS,
-             "retry_condition_fn": _retry_transient}
+    retry = {
+        "retries": len(RETRY_DELAYS),
+        "retry_delay_seconds": RETRY_DELAYS,
+        "retry_condition_fn": _retry_transient,
+    }
     stage_task = task(repro_stage, name="dvc-repro-stage", **retry)
     data_task = task(lambda *args: run_dvc(*args), name="dvc-data-update", **retry)
 
@@ -138,12 +157,16 @@ def build_flows() -> tuple[Any, Any]:
         evaluation = json.loads(EVALUATION.read_text()) if EVALUATION.is_file() else None
         create_markdown_artifact(
             summary_markdown(results, decision, evaluation, tracking_uri()),
-            key="genpipe-summary", description="stages, evaluation and promotion decision",
+            key="genpipe-summary",
+            description="stages, evaluation and promotion decision",
         )
         if SAMPLES.is_file():
             data = base64.b64encode(SAMPLES.read_bytes()).decode()
-            create_image_artifact(f"data:image/png;base64,{data}", key="genpipe-samples",
-                                  description="fine-tuned prior, one class per row")
+            create_image_artifact(
+                f"data:image/png;base64,{data}",
+                key="genpipe-samples",
+                description="fine-tuned prior, one class per row",
+            )
         return {"stages": results, "decision": decision}
 
     return pipeline, retrain_and_promote

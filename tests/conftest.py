@@ -50,7 +50,11 @@ def copy_repo(dest: Path) -> Path:
     files = git(REPO, "ls-files", "--cached", "--others", "--exclude-standard").split("\n")
     for rel in filter(None, files):
         src = REPO / rel
-        if not src.is_file() or rel.startswith(("metrics/", "plots/", "reports/")) or rel == "dvc.lock":
+        if (
+            not src.is_file()
+            or rel.startswith(("metrics/", "plots/", "reports/"))
+            or rel == "dvc.lock"
+        ):
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest / rel)
@@ -60,7 +64,9 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
-def run(cmd: list[str], cwd: Path, env: dict[str, str | None] | None = None, timeout: int = 900) -> str:
+def run(
+    cmd: list[str], cwd: Path, env: dict[str, str | None] | None = None, timeout: int = 900
+) -> str:
     """Run a project command; on failure show its output in the test report.
     `env` entries set to None are removed (e.g. to use the copy's own MLflow store)."""
     full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
@@ -69,7 +75,11 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str | None] | None = None, tim
             full_env.pop(key, None)
         else:
             full_env[key] = value
-    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc.stdout

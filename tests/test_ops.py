@@ -65,10 +65,17 @@ def test_champion_loads_in_a_fresh_process(repo):
         "b = m.predict(pd.DataFrame({'label': [3], 'seed': [0]}))\n"
         "import json\n"
         "print(json.dumps({'dtype': str(a.dtype), 'shape': list(a.shape), 'min': float(a.min()),\n"
-        "                  'max': float(a.max()), 'same_seed_same_image': bool(np.array_equal(a[:1], b))}))\n"
+        "                  'max': float(a.max()),\n"
+        "                  'same_seed_same_image': bool(np.array_equal(a[:1], b))}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=pyfunc_env(repo),
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=repo,
+        env=pyfunc_env(repo),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["dtype"] == "float32" and result["shape"] == [2, 1, 8, 8]
@@ -85,18 +92,36 @@ def _free_port() -> int:
 def test_served_champion_answers_http(repo):
     port = _free_port()
     server = subprocess.Popen(
-        ["mlflow", "models", "serve", "-m", "models:/genpipe-generator@champion",
-         "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
-        cwd=repo, env={**pyfunc_env(repo), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/genpipe-generator@champion",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=repo,
+        env={**pyfunc_env(repo), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
-        body = json.dumps({"dataframe_split": {"columns": ["label", "seed"], "data": [[5, 0], [2, 1]]}})
+        body = json.dumps(
+            {"dataframe_split": {"columns": ["label", "seed"], "data": [[5, 0], [2, 1]]}}
+        )
         deadline = time.monotonic() + 120
         while True:
             try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body.encode(),
-                                             {"Content-Type": "application/json"})
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations",
+                    body.encode(),
+                    {"Content-Type": "application/json"},
+                )
                 with urllib.request.urlopen(req, timeout=30) as resp:
                     answer = json.loads(resp.read())
                 break
@@ -176,7 +201,9 @@ def test_transient_failure_is_retried(repo, monkeypatch):
     def flaky(*args: str) -> str:
         calls["n"] += 1
         if calls["n"] == 1:
-            raise pipeline.StageFailed("repro", "requests: Max retries exceeded: Connection refused")
+            raise pipeline.StageFailed(
+                "repro", "requests: Max retries exceeded: Connection refused"
+            )
         return real(*args)
 
     monkeypatch.setattr(pipeline, "run_dvc", flaky)
@@ -211,11 +238,19 @@ def test_permanent_failure_fails_the_flow_and_moves_no_alias(repo, monkeypatch):
 
 
 def test_served_deployment_runs_when_triggered_through_the_api(repo, prefect_api):
-    env = {**os.environ, "PREFECT_API_URL": prefect_api,
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_api,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
-    served = subprocess.Popen([sys.executable, "-m", "flows.deploy", "--name", "test", "--cron", "0 3 * * *"],
-                              cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    served = subprocess.Popen(
+        [sys.executable, "-m", "flows.deploy", "--name", "test", "--cron", "0 3 * * *"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         from prefect.deployments import run_deployment
 
@@ -238,9 +273,14 @@ def test_failed_run_moves_no_alias(repo):
     before = aliases(repo)
     write_tiny_params(repo, {"evaluate": {"samples_per_class": 1}})  # invalid: stops evaluate
     commit(repo, "bad evaluate params")
-    proc = subprocess.run(["python", "-m", "flows.pipeline"], cwd=repo, capture_output=True, text=True,
-                          env={k: v for k, v in pyfunc_env(repo).items() if k != "MLFLOW_TRACKING_URI"} | {
-                              "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    proc = subprocess.run(
+        ["python", "-m", "flows.pipeline"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in pyfunc_env(repo).items() if k != "MLFLOW_TRACKING_URI"}
+        | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+    )
     assert proc.returncode != 0
     assert "evaluate.samples_per_class" in proc.stdout + proc.stderr
     assert aliases(repo) == before
@@ -266,9 +306,13 @@ def test_audit_names_data_changed_behind_dvcs_back(repo):
     np.save(raw, labels)
     run(["python", "-m", "flows.pipeline"], repo, ENV)
     version = json.loads((repo / "reports/register/decision.json").read_text())["version"]
-    proc = subprocess.run(["genpipe", "audit", "--model", f"genpipe-generator/{version}", "--no-rerun"],
-                          cwd=repo, capture_output=True, text=True, env=pyfunc_env(repo) | {
-                              "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    proc = subprocess.run(
+        ["genpipe", "audit", "--model", f"genpipe-generator/{version}", "--no-rerun"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=pyfunc_env(repo) | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "DIFFERS: data/raw: version" in proc.stderr
 
@@ -277,8 +321,12 @@ def test_audit_refuses_a_run_from_a_dirty_tree(repo):
     write_tiny_params(repo, {"evaluate": {"samples_per_class": 6}})  # not committed
     run(["python", "-m", "flows.pipeline"], repo, ENV)
     version = json.loads((repo / "reports/register/decision.json").read_text())["version"]
-    proc = subprocess.run(["genpipe", "audit", "--model", f"genpipe-generator/{version}"],
-                          cwd=repo, capture_output=True, text=True, env=pyfunc_env(repo) | {
-                              "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    proc = subprocess.run(
+        ["genpipe", "audit", "--model", f"genpipe-generator/{version}"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=pyfunc_env(repo) | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Verdict: unauditable" in proc.stdout and "dirty tree" in proc.stderr

@@ -69,3 +69,65 @@ def test_dataset_card_counts(pipeline):
     card = metrics(repo, "prepare")["card"]
     assert sum(s["count"] for s in card["splits"].values()) == 1797
     assert all(n > 0 for s in card["splits"].values() for n in s["per_class"].values())
+
+
+# -- quality bars of the default pipeline (real training on the bundled digits, fixed seeds) --
+
+
+def test_tokenizer_bars(pipeline):
+    test = metrics(pipeline[0], "tokenizer")["test"]
+    assert test["psnr"] >= 24.0, test
+    assert test["codebook_usage"] >= 0.90, test
+
+
+def test_pretrain_bars(pipeline):
+    m = metrics(pipeline[0], "pretrain")
+    assert m["ssl"]["linear_probe"] >= 0.95, m
+    assert m["ssl"]["linear_probe"] - m["random_init"]["linear_probe"] >= 0.05, m
+
+
+def test_judges_bars(pipeline):
+    m = metrics(pipeline[0], "judges")
+    assert m["reward"]["test_accuracy"] >= 0.97 and m["evaluator"]["test_accuracy"] >= 0.97, m
+    assert (
+        m["reward"]["arch"] != m["evaluator"]["arch"]
+        and m["reward"]["seed"] != m["evaluator"]["seed"]
+    )
+
+
+def test_ar_prior_bar(pipeline):
+    m = metrics(pipeline[0], "prior")
+    assert m["kind"] == "ar" and m["class_consistency"] >= 0.85, m
+
+
+def test_finetune_bars(pipeline):
+    m = metrics(pipeline[0], "finetune")
+    before, after = m["before"], m["after"]
+    assert after["class_consistency"] >= min(before["class_consistency"] + 0.05, 0.97), m
+    assert after["fid"] <= 1.1 * before["fid"], m
+
+
+def test_evaluation_and_champion(pipeline):
+    repo = pipeline[0]
+    m = metrics(repo, "evaluate")
+    for prior in ("base", "finetuned"):
+        assert m[prior]["fid_floor"] > 0 and m[prior]["fid_ratio"] > 0
+        assert 0 <= m[prior]["precision"] <= 1 and 0 <= m[prior]["recall"] <= 1
+    assert (repo / "plots/evaluate/samples_finetuned.png").stat().st_size > 0
+    decision = json.loads((repo / "reports/register/decision.json").read_text())
+    assert decision["promote"] and decision["version"] == "1"
+
+
+def test_diffusion_prior_through_dvc_exp_run(pipeline):
+    repo, _, env = pipeline
+    run(["dvc", "exp", "run", "-S", "prior.kind=diffusion"], repo, env, timeout=1200)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
+    exps = [e for rev in shown for e in (rev.get("experiments") or [])]
+    assert exps, shown
+    m = metrics(repo, "prior")  # `dvc exp run` leaves the experiment in the workspace
+    assert m["kind"] == "diffusion" and m["class_consistency"] >= 0.85, m
+    ft = metrics(repo, "finetune")
+    assert ft["after"]["class_consistency"] >= min(
+        ft["before"]["class_consistency"] + 0.05, 0.97
+    ), ft
+    assert ft["after"]["fid"] <= 1.1 * ft["before"]["fid"], ft

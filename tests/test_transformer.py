@@ -120,6 +120,32 @@ def test_cfg_scale_one_is_conditional_and_other_scales_differ():
     )
 
 
+def test_cfg_scale_one_sampling_never_uses_the_null_class():
+    model = make()
+    labels = torch.arange(CLASSES)
+    a = model.sample(labels, torch.Generator().manual_seed(0), cfg_scale=1.0)
+    with torch.no_grad():
+        model.class_emb.weight[CLASSES] += 100.0  # corrupt the null class only
+    b = model.sample(labels, torch.Generator().manual_seed(0), cfg_scale=1.0)
+    c = model.sample(labels, torch.Generator().manual_seed(0), cfg_scale=2.0)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_sampling_works_under_deterministic_algorithms():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        model = make()
+        a = model.sample(torch.arange(3), torch.Generator().manual_seed(0), cfg_scale=2.0)
+        b = model.sample(torch.arange(3), torch.Generator().manual_seed(0), cfg_scale=2.0)
+        loss = model.train().loss(a, torch.arange(3), torch.Generator().manual_seed(0))
+        loss.backward()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert torch.equal(a, b)
+
+
 def test_cfg_logit_combination():
     model = make()
     codes, labels = data()

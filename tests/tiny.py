@@ -11,10 +11,20 @@ OVERRIDES = {
         "evaluator": {"optim": {"steps": 60}},
     },
     "tokenizer": {"optim": {"steps": 60, "checkpoint_every": 0}},
-    "prior": {"dim": 32, "depth": 1, "heads": 2, "samples_per_class": 4,
-              "optim": {"steps": 40, "checkpoint_every": 0}},
-    "finetune": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "eval_samples_per_class": 4,
-                 "checkpoint_every": 0},
+    "prior": {
+        "dim": 32,
+        "depth": 1,
+        "heads": 2,
+        "samples_per_class": 4,
+        "optim": {"steps": 40, "checkpoint_every": 0},
+    },
+    "finetune": {
+        "steps": 2,
+        "prompts_per_step": 4,
+        "group_size": 4,
+        "eval_samples_per_class": 4,
+        "checkpoint_every": 0,
+    },
     "evaluate": {"samples_per_class": 8},
 }
 
@@ -22,7 +32,11 @@ OVERRIDES = {
 def merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = merge(base.get(k, {}), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+        out[k] = (
+            merge(base.get(k, {}), v)
+            if isinstance(v, dict) and isinstance(base.get(k), dict)
+            else v
+        )
     return out
 
 

@@ -89,7 +89,8 @@ def check_lineage(report: Report, runs: dict[str, dict[str, Any]], root: Path) -
             continue
         commit = tags.get("git.commit", "unknown")
         if not report.check(
-            f"{stage}: commit", _git(root, "cat-file", "-e", f"{commit}^{{commit}}").returncode == 0,
+            f"{stage}: commit",
+            _git(root, "cat-file", "-e", f"{commit}^{{commit}}").returncode == 0,
             f"{commit} {'found' if commit != 'unknown' else 'not recorded'}",
         ):
             continue
@@ -97,39 +98,63 @@ def check_lineage(report: Report, runs: dict[str, dict[str, Any]], root: Path) -
             report.check(f"{stage}: lineage", False, "run has no lineage/meta.json artifact")
             continue
         shown = _git(root, "show", f"{commit}:params.yaml")
-        at_commit = tracking.flatten(
-            {s: getattr(parse_params(yaml.safe_load(shown.stdout)), s).model_dump()
-             for s in meta.get("params", {})}
-        ) if shown.returncode == 0 else {}
+        at_commit = (
+            tracking.flatten(
+                {
+                    s: getattr(parse_params(yaml.safe_load(shown.stdout)), s).model_dump()
+                    for s in meta.get("params", {})
+                }
+            )
+            if shown.returncode == 0
+            else {}
+        )
         recorded = _flat_params(meta)
-        diffs = [f"{k}: ran with {recorded[k]!r}, commit has {at_commit.get(k)!r}"
-                 for k in sorted(recorded) if at_commit.get(k) != recorded[k]]
-        report.check(f"{stage}: params", not diffs, "; ".join(diffs) or "match params.yaml at commit")
+        diffs = [
+            f"{k}: ran with {recorded[k]!r}, commit has {at_commit.get(k)!r}"
+            for k in sorted(recorded)
+            if at_commit.get(k) != recorded[k]
+        ]
+        report.check(
+            f"{stage}: params", not diffs, "; ".join(diffs) or "match params.yaml at commit"
+        )
         if "data/raw" in meta.get("deps", {}):
             _check_data(report, stage, meta["deps"]["data/raw"], commit, root)
         now = lineage.versions()
-        drift = [f"{k} {v} (now {now.get(k)})" for k, v in meta.get("versions", {}).items() if now.get(k) != v]
-        report.check(f"{stage}: environment", not drift, "; ".join(drift) or "same package versions")
+        drift = [
+            f"{k} {v} (now {now.get(k)})"
+            for k, v in meta.get("versions", {}).items()
+            if now.get(k) != v
+        ]
+        report.check(
+            f"{stage}: environment", not drift, "; ".join(drift) or "same package versions"
+        )
 
 
 def _check_data(report: Report, stage: str, used: str, commit: str, root: Path) -> None:
     shown = _git(root, "show", f"{commit}:data.dvc")
     versioned = yaml.safe_load(shown.stdout)["outs"][0]["md5"] if shown.returncode == 0 else None
     report.check(
-        "data/raw: version", used == versioned,
+        "data/raw: version",
+        used == versioned,
         f"{stage} read md5 {used}; data.dvc at commit records {versioned}"
         + ("" if used == versioned else " (data changed outside DVC)"),
     )
     cached = (root / ".dvc/cache/files/md5" / used[:2] / used[2:]).is_file()
-    report.check("data/raw: recoverable", cached, f"{used} {'in' if cached else 'missing from'} the DVC cache")
+    report.check(
+        "data/raw: recoverable",
+        cached,
+        f"{used} {'in' if cached else 'missing from'} the DVC cache",
+    )
 
 
 def rerun(report: Report, runs: dict[str, dict[str, Any]], root: Path, target: str) -> None:
     """Re-run the DAG up to `target` at the recorded commit; compare outputs and metrics."""
     with tempfile.TemporaryDirectory(prefix="genpipe-audit-") as tmp:
         clone = Path(tmp) / "repo"
-        for cmd in (["git", "clone", "-q", str(root), str(clone)],
-                    ["git", "-C", str(clone), "checkout", "-q", report.commit]):
+        for cmd in (
+            ["git", "clone", "-q", str(root), str(clone)],
+            ["git", "-C", str(clone), "checkout", "-q", report.commit],
+        ):
             subprocess.run(cmd, check=True, capture_output=True)
         # the clone's own code (not this checkout's editable install) and a scratch store
         env = {
@@ -137,9 +162,11 @@ def rerun(report: Report, runs: dict[str, dict[str, Any]], root: Path, target: s
             "PYTHONPATH": str(clone / "src"),
             "MLFLOW_TRACKING_URI": f"sqlite:///{Path(tmp) / 'audit.db'}",
         }
-        steps = [["dvc", "cache", "dir", str(root / ".dvc/cache")],
-                 ["dvc", "checkout", "-q", "data.dvc"],
-                 ["dvc", "repro", "--force", target]]
+        steps = [
+            ["dvc", "cache", "dir", str(root / ".dvc/cache")],
+            ["dvc", "checkout", "-q", "data.dvc"],
+            ["dvc", "repro", "--force", target],
+        ]
         for cmd in steps:
             proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -165,7 +192,11 @@ def _compare_metrics(report: Report, stage: str, rec: dict[str, Any], clone: Pat
         return
     again = tracking.flatten(json.loads(path.read_text()))
     logged = {k: v for k, v in rec["metrics"].items() if k in again}
-    diffs = [f"{k}: {v} vs {again[k]}" for k, v in logged.items() if abs(float(again[k]) - v) > 1e-9 * max(1, abs(v))]
+    diffs = [
+        f"{k}: {v} vs {again[k]}"
+        for k, v in logged.items()
+        if abs(float(again[k]) - v) > 1e-9 * max(1, abs(v))
+    ]
     report.check(f"{stage}: metrics", not diffs, "; ".join(diffs) or f"{len(logged)} metrics equal")
 
 

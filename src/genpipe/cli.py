@@ -29,7 +29,8 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     data = load_source(args.source, Path(args.path) if args.path else None)
     write_raw(data, Path(args.out))
     print(
-        f"wrote {len(data.labels)} images in {len(data.classes)} classes from {args.source} to {args.out}"
+        f"wrote {len(data.labels)} images in {len(data.classes)} classes "
+        f"from {args.source} to {args.out}"
     )
     return 0
 
@@ -82,8 +83,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     report = audit.audit(args.model, Path.cwd(), None if args.no_rerun else args.target)
     md, js = audit.write_reports(report, Path(args.out))
-    tracking.log_report("audit", [md, js], {"audit.model": f"{report.model}/{report.version}",
-                                              "audit.verdict": report.verdict})
+    tracking.log_report(
+        "audit",
+        [md, js],
+        {"audit.model": f"{report.model}/{report.version}", "audit.verdict": report.verdict},
+    )
     print(md.read_text())
     for item in report.failures:
         print(f"DIFFERS: {item.what}: {item.detail}", file=sys.stderr)
@@ -112,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--params", default="params.yaml")
     stage.set_defaults(func=cmd_stage)
     aud = sub.add_parser("audit", help="prove a registered model reproduces from its lineage")
-    aud.add_argument("--model", default="genpipe-generator@champion", help="NAME@ALIAS or NAME/VERSION")
+    aud.add_argument(
+        "--model", default="genpipe-generator@champion", help="NAME@ALIAS or NAME/VERSION"
+    )
     aud.add_argument("--out", default="reports/audit")
     aud.add_argument("--target", default="evaluate", help="last DVC stage to re-run")
     aud.add_argument("--no-rerun", action="store_true", help="check lineage only, no re-run")

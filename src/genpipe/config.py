@@ -143,7 +143,7 @@ class Pretrain(Section):
     translate: float = Field(0.1, ge=0, lt=1)
     noise_std: float = Field(0.05, ge=0)
     mask_ratio: float = Field(0.5, gt=0, lt=1, description="share of patches masked (mae)")
-    patch_size: int = Field(2, ge=1, description="mae patch size in pixels")
+    patch_size: int = Field(1, ge=1, description="mae patch size in pixels")
     knn_k: int = Field(5, ge=1)
     optim: Optim = Optim()
 
@@ -157,8 +157,8 @@ class Judge(Section):
 
 
 class Judges(Section):
-    reward: Judge = Judge(arch="cnn", seed=1)
-    evaluator: Judge = Judge(arch="resnet", seed=2)
+    reward: Judge = Judge(arch="mlp", width=256, dropout=0.2, seed=1)
+    evaluator: Judge = Judge(arch="cnn", seed=2)
 
     @model_validator(mode="after")
     def _independent(self) -> Judges:
@@ -196,7 +196,9 @@ class Prior(Section):
         if self.dim % self.heads:
             raise ValueError(f"heads: dim ({self.dim}) must be divisible by heads ({self.heads})")
         if self.eta > 0 and self.sampler != "ddim":
-            raise ValueError(f"eta: only the ddim sampler takes eta > 0 (sampler is {self.sampler})")
+            raise ValueError(
+                f"eta: only the ddim sampler takes eta > 0 (sampler is {self.sampler})"
+            )
         return self
 
 

@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 
 META_FILE = "meta.json"
-# Files the pipeline itself rewrites; changes there are results, not code edits.
+# Files the pipeline itself rewrites; changes there are results, not code edits (DVC also
+# appends its outputs to .gitignore files).
 PIPELINE_WRITES = ("dvc.lock", "metrics/", "plots/", "reports/")
 TRACKED_PACKAGES = ("torch", "torchvision", "numpy", "scikit-learn", "mlflow", "dvc", "prefect")
 
@@ -62,7 +63,9 @@ def git_info(root: Path) -> dict[str, Any]:
     except (subprocess.CalledProcessError, FileNotFoundError):
         return {"commit": "unknown", "dirty": True}
     dirty_files = [
-        line[3:] for line in status.splitlines() if not line[3:].startswith(PIPELINE_WRITES)
+        path
+        for line in status.splitlines()
+        if not (path := line[3:]).startswith(PIPELINE_WRITES) and not path.endswith(".gitignore")
     ]
     return {"commit": commit, "dirty": bool(dirty_files)}
 

@@ -83,7 +83,10 @@ def decide(
     better = c < h if lower_is_better else c > h
     guard_ok = candidate[guard] >= champion[guard]
     if better and guard_ok:
-        reason = f"{primary} {c:.4g} beats champion's {h:.4g}; {guard} {candidate[guard]:.4g} >= {champion[guard]:.4g}"
+        reason = (
+            f"{primary} {c:.4g} beats champion's {h:.4g}; "
+            f"{guard} {candidate[guard]:.4g} >= {champion[guard]:.4g}"
+        )
     elif not better:
         reason = f"{primary} {c:.4g} does not beat champion's {h:.4g}"
     else:
@@ -101,7 +104,12 @@ def log_generator(tokenizer: Path, prior: Path, num_classes: int) -> str:
     """Log the pyfunc generator in the active run and register it; returns the new version."""
     import genpipe
 
-    example = pd.DataFrame({"label": np.arange(min(2, num_classes), dtype=np.int64), "seed": [0, 1][: min(2, num_classes)]})
+    example = pd.DataFrame(
+        {
+            "label": np.arange(min(2, num_classes), dtype=np.int64),
+            "seed": [0, 1][: min(2, num_classes)],
+        }
+    )
     info = mlflow.pyfunc.log_model(
         name="generator",
         python_model=GeneratorModel(),

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed every RNG, make CPU kernels deterministic, return a generator for the stage's own draws."""
+    """Seed every RNG and make kernels deterministic; returns a generator for the stage's draws."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -48,7 +48,7 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decoupled weight decay on matrices and conv kernels only: not on norms, biases, embeddings."""
+    """Decoupled weight decay on matrices and conv kernels; none on norms, biases, embeddings."""
     decay, no_decay = [], []
     no_decay_types = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
     seen: set[int] = set()
@@ -100,7 +100,8 @@ class EMA:
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
     """Indices of the batch at `step`: a pure function of (seed, step), so resuming needs no
-    sampler state. Epoch e is a permutation seeded by (seed, e); the last partial batch is dropped."""
+    sampler state. Epoch e is a permutation seeded by (seed, e); a last partial batch is dropped.
+    """
     per_epoch = max(1, n // batch_size)
     epoch, k = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))

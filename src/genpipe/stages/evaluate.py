@@ -36,7 +36,9 @@ def load_evaluator(root: Path) -> Classifier:
     return model
 
 
-def generate(gen: Generator, per_class: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def generate(
+    gen: Generator, per_class: int, num_classes: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Class-ordered samples: images, their requested labels and their codes."""
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     codes = gen.sample_codes(labels, torch.Generator().manual_seed(seed))
@@ -45,7 +47,9 @@ def generate(gen: Generator, per_class: int, num_classes: int, seed: int) -> tup
     return images, labels, codes
 
 
-def floor_sample(train_x: torch.Tensor, train_y: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+def floor_sample(
+    train_x: torch.Tensor, train_y: torch.Tensor, per_class: int, seed: int
+) -> torch.Tensor:
     """As many real train images per class as generated, for the FID floor."""
     g = torch.Generator().manual_seed(seed)
     picks = []
@@ -91,18 +95,32 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     train_x, train_y = load_split("train", root / PREPARED)
     num_classes = int(train_y.max()) + 1
     floor_x = floor_sample(train_x, train_y, cfg.samples_per_class, params.base.seed)
-    gens = {k: load_generator(root / TOKENIZER / "model.pt", root / p / "prior.pt") for k, p in PRIORS.items()}
+    gens = {
+        k: load_generator(root / TOKENIZER / "model.pt", root / p / "prior.pt")
+        for k, p in PRIORS.items()
+    }
 
-    with tracking.stage_run("evaluate", params, ("evaluate",), deps, root, outs=[METRICS, PLOTS]) as run, staged(
-        root / METRICS, root / PLOTS
-    ) as (metrics_path, plots):
+    with (
+        tracking.stage_run(
+            "evaluate", params, ("evaluate",), deps, root, outs=[METRICS, PLOTS]
+        ) as run,
+        staged(root / METRICS, root / PLOTS) as (metrics_path, plots),
+    ):
         metrics: dict[str, Any] = {}
         for name, gen in gens.items():
             metrics[name], images = score(
-                gen, evaluator, test_x, floor_x, cfg.samples_per_class, num_classes,
-                params.base.seed, cfg.knn_k,
+                gen,
+                evaluator,
+                test_x,
+                floor_x,
+                cfg.samples_per_class,
+                num_classes,
+                params.base.seed,
+                cfg.knn_k,
             )
-            grid = viz.image_grid(_per_class_rows(images, cfg.samples_per_class, num_classes), nrow=10)
+            grid = viz.image_grid(
+                _per_class_rows(images, cfg.samples_per_class, num_classes), nrow=10
+            )
             viz.save_png(grid, plots / f"samples_{name}.png")
             run.log_image(grid, f"samples_{name}.png")
         metrics["tokenizer"] = tokenizer_metrics(gens["base"].tokenizer, test_x, ctx.device)
@@ -111,6 +129,8 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     return metrics
 
 
-def _per_class_rows(images: torch.Tensor, per_class: int, num_classes: int, show: int = 10) -> torch.Tensor:
+def _per_class_rows(
+    images: torch.Tensor, per_class: int, num_classes: int, show: int = 10
+) -> torch.Tensor:
     """`show` samples of each class, one class per row."""
     return images.view(num_classes, per_class, *images.shape[1:])[:, :show].flatten(0, 1)

@@ -30,19 +30,25 @@ ROLES = ("reward", "evaluator")
 
 def judge_arch(cfg: Judge, params: Params, num_classes: int) -> dict[str, Any]:
     return {
-        "arch": cfg.arch, "in_channels": params.prepare.channels,
-        "image_size": params.prepare.image_size, "num_classes": num_classes,
-        "width": cfg.width, "dropout": cfg.dropout,
+        "arch": cfg.arch,
+        "in_channels": params.prepare.channels,
+        "image_size": params.prepare.image_size,
+        "num_classes": num_classes,
+        "width": cfg.width,
+        "dropout": cfg.dropout,
     }
 
 
-def train_judge(cfg: Judge, arch: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
-                device: torch.device) -> tuple[Classifier, list[dict[str, float]]]:
+def train_judge(
+    cfg: Judge, arch: dict[str, Any], x: torch.Tensor, y: torch.Tensor, device: torch.device
+) -> tuple[Classifier, list[dict[str, float]]]:
     """Cross-entropy training with its own seed (weights, dropout and batch order)."""
     torch.manual_seed(cfg.seed)
     model = Classifier(**arch).to(device)
     opt_cfg = cfg.optim
-    opt, sched = make_optimizer(model, opt_cfg.lr, opt_cfg.weight_decay, opt_cfg.warmup_steps, opt_cfg.steps)
+    opt, sched = make_optimizer(
+        model, opt_cfg.lr, opt_cfg.weight_decay, opt_cfg.warmup_steps, opt_cfg.steps
+    )
     x, y = x.to(device), y.to(device)
     history = []
     model.train()
@@ -67,9 +73,12 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     train_x, train_y = load_split("train", root / PREPARED)
     test_x, test_y = load_split("test", root / PREPARED)
     num_classes = int(train_y.max()) + 1
-    with tracking.stage_run("judges", params, ("prepare", "judges"), deps, root, outs=[OUT, METRICS]) as run, staged(
-        root / OUT, root / METRICS
-    ) as (out, metrics_path):
+    with (
+        tracking.stage_run(
+            "judges", params, ("prepare", "judges"), deps, root, outs=[OUT, METRICS]
+        ) as run,
+        staged(root / OUT, root / METRICS) as (out, metrics_path),
+    ):
         metrics: dict[str, Any] = {}
         for role in ROLES:
             cfg: Judge = getattr(params.judges, role)
@@ -77,8 +86,12 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             model, history = train_judge(cfg, arch, train_x, train_y, ctx.device)
             model = model.cpu()
             acc = class_consistency(model, test_x, test_y)
-            metrics[role] = {"test_accuracy": acc, "arch": cfg.arch, "seed": cfg.seed,
-                             "parameters": sum(p.numel() for p in model.parameters())}
+            metrics[role] = {
+                "test_accuracy": acc,
+                "arch": cfg.arch,
+                "seed": cfg.seed,
+                "parameters": sum(p.numel() for p in model.parameters()),
+            }
             save_model(out / f"{role}.pt", "classifier", arch, model, role=role, seed=cfg.seed)
             run.log_history(history, prefix=f"{role}/")
             run.log_torch_model(model, role, test_x[:2].numpy())

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
 from genpipe import probes, tracking
@@ -29,8 +29,12 @@ PLOTS = Path("plots/pretrain")
 def encoder_arch(params: Params) -> dict[str, Any]:
     """The tokenizer's encoder, so the result can initialise it or serve as its feature net."""
     t = params.tokenizer
-    return {"in_channels": params.prepare.channels, "channels": tuple(t.channels),
-            "num_res_blocks": t.num_res_blocks, "out_dim": t.embed_dim}
+    return {
+        "in_channels": params.prepare.channels,
+        "channels": tuple(t.channels),
+        "num_res_blocks": t.num_res_blocks,
+        "out_dim": t.embed_dim,
+    }
 
 
 def build_objective(params: Params, encoder: Encoder) -> nn.Module:
@@ -41,24 +45,31 @@ def build_objective(params: Params, encoder: Encoder) -> nn.Module:
     return MAE(encoder, dim, params.prepare.channels, cfg.patch_size, cfg.mask_ratio)
 
 
-def train(params: Params, x_train: torch.Tensor, ctx: common.StageContext) -> tuple[Encoder, list[dict[str, float]]]:
+def train(
+    params: Params, x_train: torch.Tensor, ctx: common.StageContext
+) -> tuple[Encoder, list[dict[str, float]]]:
     cfg, opt_cfg = params.pretrain, params.pretrain.optim
     device, g = ctx.device, ctx.generator
     encoder = Encoder(**encoder_arch(params))
     objective = build_objective(params, encoder).to(device)
-    augment = simclr_augment(torch.Generator().manual_seed(params.base.seed + 7), scale=tuple(cfg.crop_scale),
-                             degrees=cfg.degrees, translate=cfg.translate, noise_std=cfg.noise_std)
-    opt, sched = make_optimizer(objective, opt_cfg.lr, opt_cfg.weight_decay, opt_cfg.warmup_steps, opt_cfg.steps)
+    augment = simclr_augment(
+        torch.Generator().manual_seed(params.base.seed + 7),
+        scale=tuple(cfg.crop_scale),
+        degrees=cfg.degrees,
+        translate=cfg.translate,
+        noise_std=cfg.noise_std,
+    )
+    opt, sched = make_optimizer(
+        objective, opt_cfg.lr, opt_cfg.weight_decay, opt_cfg.warmup_steps, opt_cfg.steps
+    )
     x_all = x_train.to(device)
     history = []
     objective.train()
     for step in steps(0, opt_cfg.steps, f"pretrain ({cfg.method})"):
         x = x_all[batch_indices(len(x_all), opt_cfg.batch_size, params.base.seed, step).to(device)]
         with autocast(device):
-            if cfg.method == "simclr":
-                loss = objective(augment(x), augment(x))
-            else:
-                loss = objective(x, g)
+            views = (augment(x), augment(x)) if cfg.method == "simclr" else (x, g)
+            loss = objective(*views)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if opt_cfg.grad_clip > 0:
@@ -77,13 +88,20 @@ def _features(encoder: nn.Module | None, x: torch.Tensor) -> Any:
     return common.batched(lambda b: encoder_features(encoder, b), x).numpy()
 
 
-def probe_all(encoders: dict[str, nn.Module | None], train: tuple[torch.Tensor, torch.Tensor],
-              test: tuple[torch.Tensor, torch.Tensor], k: int, seed: int) -> dict[str, dict[str, float]]:
+def probe_all(
+    encoders: dict[str, nn.Module | None],
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    k: int,
+    seed: int,
+) -> dict[str, dict[str, float]]:
     out = {}
     for name, enc in encoders.items():
         tr, te = _features(enc, train[0]), _features(enc, test[0])
         out[name] = {
-            "linear_probe": probes.linear_probe(tr, train[1].numpy(), te, test[1].numpy(), seed=seed),
+            "linear_probe": probes.linear_probe(
+                tr, train[1].numpy(), te, test[1].numpy(), seed=seed
+            ),
             "knn_probe": probes.knn_probe(tr, train[1].numpy(), te, test[1].numpy(), k=k),
         }
     return out
@@ -106,17 +124,29 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     sections = ("prepare", "pretrain", "tokenizer")
     ctx = common.start("pretrain", params, sections, deps, root, 0)
     train_xy, test_xy = load_split("train", root / PREPARED), load_split("test", root / PREPARED)
-    with tracking.stage_run("pretrain", params, sections, deps, root, outs=[OUT, METRICS, PLOTS]) as run, staged(
-        root / OUT, root / METRICS, root / PLOTS
-    ) as (out, metrics_path, plots):
+    with (
+        tracking.stage_run(
+            "pretrain", params, sections, deps, root, outs=[OUT, METRICS, PLOTS]
+        ) as run,
+        staged(root / OUT, root / METRICS, root / PLOTS) as (out, metrics_path, plots),
+    ):
         encoder, history = train(params, train_xy[0], ctx)
         encoder = encoder.cpu()
         torch.manual_seed(params.base.seed)
         random_init = Encoder(**encoder_arch(params)).eval()
-        metrics = probe_all({"ssl": encoder, "random_init": random_init, "pixels": None},
-                            train_xy, test_xy, cfg.knn_k, params.base.seed)
-        metrics["ssl_gain_over_random"] = metrics["ssl"]["linear_probe"] - metrics["random_init"]["linear_probe"]
-        save_model(out / "encoder.pt", "ssl_encoder", encoder_arch(params), encoder, method=cfg.method)
+        metrics = probe_all(
+            {"ssl": encoder, "random_init": random_init, "pixels": None},
+            train_xy,
+            test_xy,
+            cfg.knn_k,
+            params.base.seed,
+        )
+        metrics["ssl_gain_over_random"] = (
+            metrics["ssl"]["linear_probe"] - metrics["random_init"]["linear_probe"]
+        )
+        save_model(
+            out / "encoder.pt", "ssl_encoder", encoder_arch(params), encoder, method=cfg.method
+        )
         write_json(metrics_path, metrics)
         common.write_curve(history, plots / "loss.csv")
         fig = projection_figure(encoder, *test_xy, params.base.seed)

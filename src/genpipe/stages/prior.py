@@ -27,7 +27,8 @@ from genpipe.outputs import staged, write_json
 from genpipe.stages import common
 from genpipe.stages.evaluate import JUDGES, load_evaluator
 from genpipe.stages.tokenize import CODES, load_codes
-from genpipe.stages.tokenizer import OUT as TOKENIZER, load_tokenizer
+from genpipe.stages.tokenizer import OUT as TOKENIZER
+from genpipe.stages.tokenizer import load_tokenizer
 from genpipe.training import EMA, autocast, batch_indices, make_optimizer, steps
 
 OUT = Path("models/prior")
@@ -36,32 +37,58 @@ PLOTS = Path("plots/prior")
 LOG_EVERY = 25
 
 
-def arch(params: Params, codebook_size: int, grid: tuple[int, int], latent_dim: int, num_classes: int) -> dict[str, Any]:
+def arch(
+    params: Params, codebook_size: int, grid: tuple[int, int], latent_dim: int, num_classes: int
+) -> dict[str, Any]:
     cfg = params.prior
     if cfg.kind == "ar":
         return {
-            "vocab_size": codebook_size, "grid": grid, "num_classes": num_classes, "dim": cfg.dim,
-            "depth": cfg.depth, "heads": cfg.heads, "dropout": cfg.dropout,
-            "class_dropout": cfg.class_dropout, "pos": cfg.pos,
+            "vocab_size": codebook_size,
+            "grid": grid,
+            "num_classes": num_classes,
+            "dim": cfg.dim,
+            "depth": cfg.depth,
+            "heads": cfg.heads,
+            "dropout": cfg.dropout,
+            "class_dropout": cfg.class_dropout,
+            "pos": cfg.pos,
         }
     return {
-        "latent_dim": latent_dim, "grid": grid, "num_classes": num_classes, "dim": cfg.dim,
-        "depth": cfg.depth, "heads": cfg.heads, "class_dropout": cfg.class_dropout,
+        "latent_dim": latent_dim,
+        "grid": grid,
+        "num_classes": num_classes,
+        "dim": cfg.dim,
+        "depth": cfg.depth,
+        "heads": cfg.heads,
+        "class_dropout": cfg.class_dropout,
     }
 
 
 def sampling(params: Params) -> dict[str, Any]:
     cfg = params.prior
     if cfg.kind == "ar":
-        return {"cfg_scale": cfg.cfg_scale, "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
-    return {"cfg_scale": cfg.cfg_scale, "sampler": cfg.sampler, "steps": cfg.sampling_steps, "eta": cfg.eta}
+        return {
+            "cfg_scale": cfg.cfg_scale,
+            "temperature": cfg.temperature,
+            "top_k": cfg.top_k,
+            "top_p": cfg.top_p,
+        }
+    return {
+        "cfg_scale": cfg.cfg_scale,
+        "sampler": cfg.sampler,
+        "steps": cfg.sampling_steps,
+        "eta": cfg.eta,
+    }
 
 
 def formulation(params: Params) -> dict[str, Any] | None:
     cfg = params.prior
     if cfg.kind != "diffusion":
         return None
-    return {"name": cfg.formulation, **({"prediction": cfg.prediction} if cfg.formulation == "ddpm" else {})}
+    return {
+        "name": cfg.formulation,
+        **({"prediction": cfg.prediction} if cfg.formulation == "ddpm" else {}),
+    }
 
 
 def check_codes(card: dict[str, Any], codebook_size: int, grid: tuple[int, int]) -> None:
@@ -94,7 +121,10 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     with torch.no_grad():
         latents = tokenizer.codes_to_latent(train_codes) if form else None
     if latents is not None:
-        sample_cfg["latent_shift"], sample_cfg["latent_scale"] = float(latents.mean()), float(latents.std())
+        sample_cfg["latent_shift"], sample_cfg["latent_scale"] = (
+            float(latents.mean()),
+            float(latents.std()),
+        )
 
     def prepare_x(codes: torch.Tensor) -> torch.Tensor:
         if form is None:
@@ -107,7 +137,9 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     y_train = train_y.to(device)
 
     model = build_prior(cfg.kind, model_arch).to(device)
-    opt, sched = make_optimizer(model, opt_cfg.lr, opt_cfg.weight_decay, opt_cfg.warmup_steps, opt_cfg.steps)
+    opt, sched = make_optimizer(
+        model, opt_cfg.lr, opt_cfg.weight_decay, opt_cfg.warmup_steps, opt_cfg.steps
+    )
     ema = EMA(model, opt_cfg.ema_decay) if opt_cfg.ema_decay > 0 else None
     history: list[dict[str, float]] = []
     start = 0
@@ -143,11 +175,18 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             ema.update(model)
         if step % LOG_EVERY == 0 or step == opt_cfg.steps - 1:
             history.append({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]})
-        ctx.checkpoint.maybe_save(step, opt_cfg.steps, {
-            "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-            "ema": ema.model.state_dict() if ema is not None else None,
-            "generator": g.get_state(), "history": history,
-        })
+        ctx.checkpoint.maybe_save(
+            step,
+            opt_cfg.steps,
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "ema": ema.model.state_dict() if ema is not None else None,
+                "generator": g.get_state(),
+                "history": history,
+            },
+        )
     train_seconds = time.perf_counter() - wall
     final = (ema.model if ema is not None else model).eval()
 
@@ -160,14 +199,26 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     metrics["class_consistency"] = class_consistency(evaluator, images, labels.cpu())
     timing = {"train_seconds": train_seconds, "images_per_second": len(images) / sample_seconds}
 
-    with tracking.stage_run("prior", params, sections, deps, root, outs=[OUT, METRICS, PLOTS]) as run, staged(
-        root / OUT, root / METRICS, root / PLOTS
-    ) as (out, metrics_path, plots):
-        save_model(out / "prior.pt", "prior", model_arch, final.cpu(), prior_kind=cfg.kind,
-                   sampling=sample_cfg, formulation=formulation(params))
+    with (
+        tracking.stage_run(
+            "prior", params, sections, deps, root, outs=[OUT, METRICS, PLOTS]
+        ) as run,
+        staged(root / OUT, root / METRICS, root / PLOTS) as (out, metrics_path, plots),
+    ):
+        save_model(
+            out / "prior.pt",
+            "prior",
+            model_arch,
+            final.cpu(),
+            prior_kind=cfg.kind,
+            sampling=sample_cfg,
+            formulation=formulation(params),
+        )
         write_json(metrics_path, {"kind": cfg.kind, **metrics})
         common.write_curve(history, plots / "loss.csv")
-        shown = images.view(num_classes, cfg.samples_per_class, *images.shape[1:])[:, :10].flatten(0, 1)
+        shown = images.view(num_classes, cfg.samples_per_class, *images.shape[1:])[:, :10].flatten(
+            0, 1
+        )
         grid_img = viz.image_grid(shown, nrow=min(10, cfg.samples_per_class))
         viz.save_png(grid_img, plots / "samples.png")
         run.log_image(grid_img, "samples.png")
@@ -179,8 +230,13 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def validate(model: nn.Module, form: diffusion.Formulation | None, x_val: torch.Tensor,
-             y_val: torch.Tensor, seed: int) -> dict[str, float]:
+def validate(
+    model: nn.Module,
+    form: diffusion.Formulation | None,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    seed: int,
+) -> dict[str, float]:
     """AR: NLL in bits per code; diffusion: the training loss at fixed noise draws."""
     if form is None:
         return {"val_nll_bits_per_code": model.nll_bits_per_code(x_val, y_val)}  # type: ignore[operator]

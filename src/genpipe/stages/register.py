@@ -29,8 +29,14 @@ def _score(gen: Generator, params: Params, root: Path) -> dict[str, float]:
     train_x, train_y = load_split("train", root / PREPARED)
     floor_x = evaluate.floor_sample(train_x, train_y, cfg.samples_per_class, params.base.seed)
     metrics, _ = evaluate.score(
-        gen, evaluator, test_x, floor_x, cfg.samples_per_class, int(train_y.max()) + 1,
-        params.base.seed, cfg.knn_k,
+        gen,
+        evaluator,
+        test_x,
+        floor_x,
+        cfg.samples_per_class,
+        int(train_y.max()) + 1,
+        params.base.seed,
+        cfg.knn_k,
     )
     return metrics
 
@@ -43,13 +49,20 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     candidate = json.loads((root / evaluate.METRICS).read_text())[cfg.prior]
     found = registry.champion()
     champion = _score(found[1], params, root) if found else None
-    decision = registry.decide(candidate, champion, cfg.primary_metric, cfg.primary_metric in LOWER_IS_BETTER)
+    decision = registry.decide(
+        candidate, champion, cfg.primary_metric, cfg.primary_metric in LOWER_IS_BETTER
+    )
     num_classes = int(load_split("train", root / PREPARED)[1].max()) + 1
 
-    with tracking.stage_run("register", params, ("evaluate", "register"), deps, root, outs=[REPORT]) as run, staged(
-        root / REPORT
-    ) as (out,):
-        version = registry.log_generator(root / TOKENIZER / "model.pt", root / prior_dir / "prior.pt", num_classes)
+    with (
+        tracking.stage_run(
+            "register", params, ("evaluate", "register"), deps, root, outs=[REPORT]
+        ) as run,
+        staged(root / REPORT) as (out,),
+    ):
+        version = registry.log_generator(
+            root / TOKENIZER / "model.pt", root / prior_dir / "prior.pt", num_classes
+        )
         report = {
             "version": version,
             "prior": cfg.prior,
@@ -58,16 +71,31 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             **asdict(decision),
         }
         write_json(out / "decision.json", report)
-        run.set_tags({"decision.promote": decision.promote, "decision.reason": decision.reason, "model.version": version})
+        run.set_tags(
+            {
+                "decision.promote": decision.promote,
+                "decision.reason": decision.reason,
+                "model.version": version,
+            }
+        )
         run.log_metrics({f"candidate.{k}": v for k, v in candidate.items()})
         if champion:
             run.log_metrics({f"champion.{k}": v for k, v in champion.items()})
         run.log_artifact(out / "decision.json")
         run.write_meta(out)
-        registry.set_aliases(version, decision.promote, {
-            "promoted": decision.promote, "reason": decision.reason,
-            f"candidate_{cfg.primary_metric}": candidate[cfg.primary_metric],
-            **({f"champion_{cfg.primary_metric}": champion[cfg.primary_metric]} if champion else {}),
-            "run_id": run.run_id,
-        })
+        registry.set_aliases(
+            version,
+            decision.promote,
+            {
+                "promoted": decision.promote,
+                "reason": decision.reason,
+                f"candidate_{cfg.primary_metric}": candidate[cfg.primary_metric],
+                **(
+                    {f"champion_{cfg.primary_metric}": champion[cfg.primary_metric]}
+                    if champion
+                    else {}
+                ),
+                "run_id": run.run_id,
+            },
+        )
     return report

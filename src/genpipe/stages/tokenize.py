@@ -15,7 +15,8 @@ from genpipe.data.prepared import PREPARED, SPLITS, load_split
 from genpipe.data.raw import DataError
 from genpipe.outputs import staged, write_json
 from genpipe.stages import common
-from genpipe.stages.tokenizer import OUT as TOKENIZER, load_tokenizer
+from genpipe.stages.tokenizer import OUT as TOKENIZER
+from genpipe.stages.tokenizer import load_tokenizer
 
 CODES = Path("data/codes")
 METRICS = Path("metrics/tokenize.json")
@@ -65,6 +66,7 @@ def load_codes(split: str, root: Path = CODES) -> tuple[torch.Tensor, torch.Tens
     ):
         raise DataError(
             f"{root / split}/codes.npy: codes outside 0..{card['codebook_size'] - 1} or grid "
-            f"{list(codes.shape[1:])} != {card['grid']} in {root / 'card.json'}; re-run `dvc repro tokenize`"
+            f"{list(codes.shape[1:])} != {card['grid']} in {root / 'card.json'}; "
+            "re-run `dvc repro tokenize`"
         )
     return torch.from_numpy(codes), torch.from_numpy(labels), card
