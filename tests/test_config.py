@@ -21,7 +21,11 @@ def test_repo_params_are_valid():
         ({"base": {"seed": "7"}}, "base.seed", "valid integer"),
         ({"prepare": {"image_size": 2}}, "prepare.image_size", "greater than or equal to 4"),
         ({"base": {"device": "tpu"}}, "base.device", "'auto', 'cpu' or 'cuda'"),
-        ({"prepare": {"train_frac": 0.9, "val_frac": 0.1}}, "prepare.val_frac", "leave a test split"),
+        (
+            {"prepare": {"train_frac": 0.9, "val_frac": 0.1}},
+            "prepare.val_frac",
+            "leave a test split",
+        ),
         ({"tokenizer": {"channels": [8, 8, 8, 8]}}, "tokenizer.channels", "prepare.image_size"),
         ({"tokenizer": {"code_dim": 100}}, "tokenizer.code_dim", "must not exceed"),
         ({"tokenizer": {"optim": {"lr": -1.0}}}, "tokenizer.optim.lr", "greater than 0"),

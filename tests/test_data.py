@@ -55,7 +55,9 @@ def _idx(path: Path, arr: np.ndarray) -> None:
     path.write_bytes(header + arr.astype(np.uint8).tobytes())
 
 
-@pytest.mark.parametrize(("source", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+@pytest.mark.parametrize(
+    ("source", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")]
+)
 def test_torchvision_mnist_format_from_local_files(tmp_path, source, folder):
     raw_dir = tmp_path / folder / "raw"
     raw_dir.mkdir(parents=True)
@@ -110,7 +112,7 @@ def test_image_folder_mixed_sizes_and_modes(tmp_path):
     assert data.origins[0] == "cat/0.png"
     x = to_tensor_images(data, image_size=8, channels=1)
     assert x.shape == (8, 1, 8, 8) and x.dtype == np.float32
-    assert 0.0 <= x.min() and x.max() <= 1.0
+    assert x.min() >= 0.0 and x.max() <= 1.0
 
 
 def test_corrupt_image_is_named(tmp_path):

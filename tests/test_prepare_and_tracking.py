@@ -1,7 +1,6 @@
 """The prepare stage in-process: outputs, dataset card, meta.json lineage, MLflow tags."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ def test_prepare_writes_splits_card_and_lineage(workdir):
     card = prepare.run(params, workdir)
     x = np.load(workdir / "data/prepared/train/images.npy")
     assert x.dtype == np.float32 and x.shape[1:] == (1, 8, 8)
-    assert 0.0 <= x.min() and x.max() == 1.0
+    assert x.min() >= 0.0 and x.max() == 1.0
     assert sum(card["splits"][s]["count"] for s in ("train", "val", "test")) == 1797
     metrics = json.loads((workdir / "metrics/prepare.json").read_text())
     assert metrics["test_count"] == card["splits"]["test"]["count"]
@@ -65,9 +64,14 @@ def test_corrupt_raw_fails_before_writing(workdir):
 
 def test_class_with_too_few_images_is_named(workdir):
     data = load_source("digits")
-    keep = [i for i, y in enumerate(data.labels) if y != 7][:300] + [int(np.flatnonzero(data.labels == 7)[0])]
+    keep = [i for i, y in enumerate(data.labels) if y != 7][:300] + [
+        int(np.flatnonzero(data.labels == 7)[0])
+    ]
     subset = type(data)(
-        [data.images[i] for i in keep], data.labels[keep], data.classes, "digits",
+        [data.images[i] for i in keep],
+        data.labels[keep],
+        data.classes,
+        "digits",
         [data.origins[i] for i in keep],
     )
     write_raw(subset, workdir / "data/raw")

@@ -22,9 +22,11 @@ from genpipe.models.ssl import (
 
 @pytest.fixture(autouse=True)
 def _deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
     yield
-    torch.use_deterministic_algorithms(False)
+    torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 def _tiny_encoder(out_dim: int = 8) -> Encoder:

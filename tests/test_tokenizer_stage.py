@@ -19,7 +19,10 @@ from genpipe.stages import common, prepare, tokenizer
 
 TINY = {
     "tokenizer": {
-        "channels": [8, 16], "embed_dim": 8, "codebook_size": 16, "num_res_blocks": 0,
+        "channels": [8, 16],
+        "embed_dim": 8,
+        "codebook_size": 16,
+        "num_res_blocks": 0,
         "optim": {"steps": 12, "batch_size": 32, "warmup_steps": 2, "checkpoint_every": 4},
     }
 }
@@ -41,7 +44,9 @@ def _weights(model) -> bytes:
 
 def _train(params, root, on_step=None):
     x, _ = tokenizer.load_split("train", root / "data/prepared")
-    ctx = common.start("tokenizer", params, ("prepare", "tokenizer"), [Path("data/prepared")], root, 4)
+    ctx = common.start(
+        "tokenizer", params, ("prepare", "tokenizer"), [Path("data/prepared")], root, 4
+    )
     return tokenizer.train(params, x, ctx, on_step=on_step), ctx
 
 
@@ -65,11 +70,19 @@ def test_resume_after_interrupt_gives_identical_weights(prepared):
 def test_checkpoint_for_other_params_is_not_resumed(prepared):
     params = parse_params(TINY)
     with pytest.raises(KeyboardInterrupt):
-        _train(params, prepared, on_step=lambda s: (_ for _ in ()).throw(KeyboardInterrupt) if s == 5 else None)
+        _train(
+            params,
+            prepared,
+            on_step=lambda s: (_ for _ in ()).throw(KeyboardInterrupt) if s == 5 else None,
+        )
     other = parse_params({**TINY, "base": {"seed": 3}})
-    ctx = common.start("tokenizer", other, ("prepare", "tokenizer"), [Path("data/prepared")], prepared, 4)
+    ctx = common.start(
+        "tokenizer", other, ("prepare", "tokenizer"), [Path("data/prepared")], prepared, 4
+    )
     assert ctx.checkpoint.load() is None
-    ctx_same = common.start("tokenizer", params, ("prepare", "tokenizer"), [Path("data/prepared")], prepared, 4)
+    ctx_same = common.start(
+        "tokenizer", params, ("prepare", "tokenizer"), [Path("data/prepared")], prepared, 4
+    )
     assert ctx_same.checkpoint.load()["step"] == 4
     ctx_same.checkpoint.clear()
 
@@ -93,8 +106,12 @@ def test_two_processes_match_one_with_the_same_global_batch(prepared, tmp_path, 
     here. Stated tolerance: relative L2 distance of all weights <= 1e-3. Gradients agree only
     up to float summation order, and Adam turns a sign flip of a near-zero gradient into a
     full lr-sized step, so a few single weights can differ by ~lr while the model does not."""
-    tok = {**TINY["tokenizer"], "kmeans_init": False, "dead_code_threshold": 0.0,
-           "optim": {**TINY["tokenizer"]["optim"], "checkpoint_every": 0}}
+    tok = {
+        **TINY["tokenizer"],
+        "kmeans_init": False,
+        "dead_code_threshold": 0.0,
+        "optim": {**TINY["tokenizer"]["optim"], "checkpoint_every": 0},
+    }
     results = {}
     for n in (1, 2):
         root = tmp_path / f"n{n}"
@@ -102,11 +119,22 @@ def test_two_processes_match_one_with_the_same_global_batch(prepared, tmp_path, 
         os.symlink(prepared / "data/prepared", root / "data/prepared")
         (root / "params.yaml").write_text(yaml.safe_dump({"tokenizer": tok}))
         env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               "-m", "genpipe.cli", "stage", "tokenizer"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={n}",
+            "-m",
+            "genpipe.cli",
+            "stage",
+            "tokenizer",
+        ]
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        results[n] = torch.load(root / "models/tokenizer/model.pt", weights_only=False)["state_dict"]
+        results[n] = torch.load(root / "models/tokenizer/model.pt", weights_only=False)[
+            "state_dict"
+        ]
     one = torch.cat([v.float().flatten() for v in results[1].values()])
     two = torch.cat([v.float().flatten() for v in results[2].values()])
     rel = float((one - two).norm() / one.norm())
