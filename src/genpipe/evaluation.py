@@ -29,8 +29,8 @@ class FeatureExtractor(nn.Module):
 
 def fid(extractor: FeatureExtractor, real: torch.Tensor, fake: torch.Tensor) -> float:
     """Frechet distance between evaluator features of two image sets in [0, 1]."""
+    # statistics accumulate in float64 inside torchmetrics; the extractor stays float32
     metric = FrechetInceptionDistance(feature=extractor, normalize=True, reset_real_features=True)
-    metric.set_dtype(torch.float64)
     for x, real_flag in ((real, True), (fake, False)):
         for i in range(0, len(x), 512):
             metric.update(x[i : i + 512].clamp(0, 1), real=real_flag)
