@@ -228,6 +228,7 @@ class Finetune(Section):
     cfg_scale: float = Field(1.0, ge=0, description="guidance while sampling for RL; 1 = off")
     temperature: float = Field(1.0, gt=0, description="ar sampling temperature for RL")
     diffusion_eta: float = Field(1.0, gt=0, description="ddim stochasticity for RL (diffusion)")
+    diffusion_steps: int = Field(10, ge=2, description="ddim steps while sampling for RL")
     train_step_fraction: float = Field(
         0.5, gt=0, le=1, description="share of denoising steps trained per batch (diffusion)"
     )

@@ -1,0 +1,66 @@
+"""GRPO-style policy-gradient pieces, as pure tensor functions (no models, no I/O).
+
+A batch is `prompts * group_size` samples laid out group by group: rows g*G .. (g+1)*G - 1
+answer the same prompt. Log-probabilities are (B,) for a whole sample (autoregressive codes)
+or (B, S) for S scored steps of a sample (diffusion transitions); advantages are per sample
+and broadcast over steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ADV_EPS = 1e-4
+# Log-ratios are clamped here before exp: far past any clip range, yet a diffusion step's
+# log-probability (a sum over every latent dimension) can move by hundreds after one update,
+# and exp would overflow into inf * 0 = NaN. A clamped term simply gets no gradient.
+MAX_LOG_RATIO = 20.0
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = ADV_EPS) -> torch.Tensor:
+    """(reward - group mean) / (group std + eps): each sample is judged only against samples of
+    the same prompt, so no value network is needed and easy prompts don't dominate. A group whose
+    rewards are all equal gets zero advantage (no signal), not a division blow-up."""
+    if group_size < 2 or rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"rewards {tuple(rewards.shape)} must be 1-D and split into groups of "
+            f"{group_size} >= 2"
+        )
+    groups = rewards.float().view(-1, group_size)
+    mean = groups.mean(dim=1, keepdim=True)
+    std = groups.std(dim=1, keepdim=True, unbiased=False)
+    return ((groups - mean) / (std + eps)).flatten()
+
+
+def _per_step(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) advantages against (B,) or (B, S) log-probabilities."""
+    return advantages.reshape(-1, *([1] * (like.ndim - 1))).to(like)
+
+
+def clipped_surrogate(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective, negated into a loss: -mean(min(r A, clip(r, 1-e, 1+e) A)) with
+    r = exp(logp - old_logp). Returns (loss, clip fraction): the share of terms whose ratio is
+    outside the trust region, which stop contributing gradient once they move the wrong way."""
+    adv = _per_step(advantages, logp)
+    ratio = (logp - old_logp.detach()).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    loss = -torch.minimum(ratio * adv, clipped * adv).mean()
+    clip_frac = ((ratio - 1).abs() > clip_eps).float().mean()
+    return loss, clip_frac.detach()
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimate of KL(policy || reference) per sample (or step): r - 1 - log r with
+    r = p_ref / p_policy at a sample drawn from the policy. Unbiased, always >= 0, and lower
+    variance than -log r; its gradient pulls the policy back towards the reference."""
+    log_r = (ref_logp.detach() - logp).clamp(max=MAX_LOG_RATIO)
+    return log_r.exp() - 1 - log_r
+
+
+def group_diversity(images: torch.Tensor, group_size: int) -> float:
+    """Mean pairwise L2 distance between the images of each group, averaged over groups: falls
+    towards 0 when RL collapses a prompt onto one image (mode collapse)."""
+    groups = images.detach().float().flatten(1).view(-1, group_size, images[0].numel())
+    return float(torch.stack([torch.pdist(g).mean() for g in groups]).mean())

@@ -1,0 +1,354 @@
+"""Stage `finetune`: GRPO fine-tuning of the prior against the reward judge.
+
+Each step takes `prompts_per_step` class labels (cycled through the classes) and samples
+`group_size` images for each from the current policy; the rewards (genpipe.rewards) become
+advantages within each group; `inner_iters` updates then follow the clipped surrogate plus
+beta times the k3 KL to the frozen prior (genpipe.rl). `ar` scores whole code sequences;
+`diffusion` samples by stochastic DDIM and scores a random share of its Gaussian steps.
+
+Rails: the KL per sample (over the whole generation) is measured on every batch; past
+`kl_bound` training stops, and the weights kept are those with the best mean reward among the
+batches within the bound. Before/after metrics sample as the prior file says (what evaluation
+and serving do) and are judged by the evaluator, which RL never sees, so reward hacking of the
+reward judge shows as a gap between the two judges.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from genpipe import evaluation, rl, tracking, viz
+from genpipe.config import Finetune, Params
+from genpipe.data.prepared import PREPARED, load_split
+from genpipe.generator import Generator, load_generator
+from genpipe.modelio import ModelFileError, load_model, read_model_file, save_model
+from genpipe.models import diffusion
+from genpipe.models.classifier import Classifier
+from genpipe.models.transformer import ARPrior
+from genpipe.outputs import staged, write_json
+from genpipe.rewards import WeightedReward, build_reward
+from genpipe.stages import common
+from genpipe.stages.evaluate import JUDGES
+from genpipe.stages.tokenizer import OUT as TOKENIZER
+from genpipe.training import Checkpoint, param_groups, steps
+
+PRIOR = Path("models/prior")
+OUT = Path("models/finetune")
+METRICS = Path("metrics/finetune.json")
+PLOTS = Path("plots/finetune")
+SECTIONS = ("prior", "finetune")
+GRID_PER_CLASS = 10
+
+
+@dataclass
+class Rollout:
+    """One batch of samples from the policy, with what is needed to rescore it.
+
+    old_logp / ref_logp: (B, S) log-probabilities of S scored steps under the sampling weights
+    and the frozen prior; `total_steps` stochastic steps make one sample (S of them scored).
+    """
+
+    labels: torch.Tensor
+    images: torch.Tensor
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    replay: Any
+    total_steps: int
+
+    def kl_per_sample(self) -> torch.Tensor:
+        """k3 estimate of KL(policy || prior) over a sample's whole generation, (B,)."""
+        return rl.kl_k3(self.old_logp, self.ref_logp).mean(dim=1) * self.total_steps
+
+
+class Policy(Protocol):
+    net: nn.Module
+
+    def rollout(self, labels: torch.Tensor, generator: torch.Generator) -> Rollout: ...
+
+    def log_prob(self, rollout: Rollout) -> torch.Tensor: ...
+
+
+class ARPolicy:
+    """The transformer prior as a policy: one action = a whole code grid."""
+
+    def __init__(self, gen: Generator, reference: ARPrior, cfg: Finetune) -> None:
+        assert isinstance(gen.prior, ARPrior)
+        self.tokenizer, self.net, self.reference = gen.tokenizer, gen.prior, reference
+        self.cfg_scale, self.temperature = cfg.cfg_scale, cfg.temperature
+
+    def _log_prob(self, net: ARPrior, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return net.log_prob(codes, labels, self.cfg_scale, self.temperature)[:, None]
+
+    def rollout(self, labels: torch.Tensor, generator: torch.Generator) -> Rollout:
+        with torch.no_grad():
+            codes = self.net.sample(
+                labels, generator, temperature=self.temperature, cfg_scale=self.cfg_scale
+            )
+            old = self._log_prob(self.net, codes, labels)
+            ref = self._log_prob(self.reference, codes, labels)
+            images = self.tokenizer.decode_codes(codes)
+        return Rollout(labels, images, old, ref, codes, 1)
+
+    def log_prob(self, rollout: Rollout) -> torch.Tensor:
+        return self._log_prob(self.net, rollout.replay, rollout.labels)
+
+
+class DiffusionPolicy:
+    """The denoiser as a policy over stochastic DDIM: each step is a Gaussian action; a random
+    `train_step_fraction` of the steps is scored per batch, to save compute (as in DDPO)."""
+
+    def __init__(self, gen: Generator, reference: diffusion.Denoiser, cfg: Finetune) -> None:
+        assert isinstance(gen.prior, diffusion.Denoiser) and gen.formulation is not None
+        self.gen, self.net, self.reference, self.form = gen, gen.prior, reference, gen.formulation
+        self.cfg = cfg
+
+    def _log_prob(
+        self, net: diffusion.Denoiser, traj: diffusion.Trajectory, picks: torch.Tensor, labels
+    ) -> torch.Tensor:
+        cols = []
+        for i in picks.tolist():
+            t, s = float(traj.times[i]), float(traj.times[i + 1])
+            mean, std = diffusion.ddim_step(
+                net, self.form, traj.xs[i], t, s, labels, self.cfg.cfg_scale, self.cfg.diffusion_eta
+            )
+            cols.append(diffusion.step_log_prob(traj.xs[i + 1], mean, std))
+        return torch.stack(cols, dim=1)
+
+    def rollout(self, labels: torch.Tensor, generator: torch.Generator) -> Rollout:
+        cfg = self.cfg
+        traj = diffusion.sample_trajectory(
+            self.net, self.form, labels, generator, cfg.diffusion_steps, cfg.cfg_scale,
+            cfg.diffusion_eta,
+        )
+        stochastic = torch.nonzero(traj.stds > 0).flatten()
+        k = max(1, round(cfg.train_step_fraction * len(stochastic)))
+        picks = stochastic[torch.randperm(len(stochastic), generator=generator)[:k]].sort().values
+        with torch.no_grad():
+            scored = [(traj.xs[i + 1], traj.means[i], traj.stds[i]) for i in picks]
+            old = torch.stack([diffusion.step_log_prob(*step) for step in scored], dim=1)
+            ref = self._log_prob(self.reference, traj, picks, labels)
+            tokenizer = self.gen.tokenizer
+            codes = tokenizer.latent_to_codes(self.gen.from_prior_space(traj.xs[-1]))
+            images = tokenizer.decode_codes(codes)
+        return Rollout(labels, images, old, ref, (traj, picks), len(stochastic))
+
+    def log_prob(self, rollout: Rollout) -> torch.Tensor:
+        traj, picks = rollout.replay
+        return self._log_prob(self.net, traj, picks, rollout.labels)
+
+
+def make_policy(gen: Generator, cfg: Finetune) -> tuple[Policy, nn.Module]:
+    """(policy that trains gen.prior in place, frozen copy of the prior it starts from)."""
+    reference = copy.deepcopy(gen.prior).eval().requires_grad_(False)
+    if gen.kind == "ar":
+        return ARPolicy(gen, reference, cfg), reference  # type: ignore[arg-type]
+    return DiffusionPolicy(gen, reference, cfg), reference  # type: ignore[arg-type]
+
+
+def prompts(step: int, cfg: Finetune, num_classes: int, device: torch.device) -> torch.Tensor:
+    """Labels of one step, each repeated group_size times; classes cycle across steps."""
+    first = step * cfg.prompts_per_step
+    labels = (first + torch.arange(cfg.prompts_per_step)) % num_classes
+    return labels.repeat_interleave(cfg.group_size).to(device)
+
+
+def update(
+    policy: Policy, opt: torch.optim.Optimizer, roll: Rollout, adv: torch.Tensor, cfg: Finetune
+) -> dict[str, float]:
+    """`inner_iters` steps on the clipped surrogate + beta * k3 KL; mean loss and clip fraction."""
+    losses, clips = [], []
+    for _ in range(cfg.inner_iters):
+        logp = policy.log_prob(roll)
+        surrogate, clip_frac = rl.clipped_surrogate(logp, roll.old_logp, adv, cfg.clip_eps)
+        loss = surrogate + cfg.beta * rl.kl_k3(logp, roll.ref_logp).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(policy.net.parameters(), cfg.grad_clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+        clips.append(float(clip_frac))
+    return {"loss": sum(losses) / len(losses), "clip_frac": sum(clips) / len(clips)}
+
+
+@dataclass
+class Result:
+    history: list[dict[str, float]]
+    best: dict[str, Any]  # step, reward_mean, kl, state (weights)
+    stopped_early: bool
+    steps_run: int
+
+
+def train(
+    policy: Policy,
+    reward: WeightedReward,
+    cfg: Finetune,
+    num_classes: int,
+    generator: torch.Generator,
+    checkpoint: Checkpoint | None = None,
+) -> Result:
+    """GRPO for cfg.steps steps (resuming `checkpoint`), plus one last batch that only measures
+    the final weights. Each batch measures the weights that drew it; the best within kl_bound
+    is kept. Rows whose batch made no update have NaN loss and clip fraction."""
+    net = policy.net
+    opt = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr)
+    history: list[dict[str, float]] = []
+    best: dict[str, Any] = {}
+    start = 0
+    if checkpoint is not None and (state := checkpoint.load()) is not None:
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        generator.set_state(state["generator"])
+        history, best, start = state["history"], state["best"], state["step"]
+    stopped = False
+    device = next(net.parameters()).device
+    for step in steps(start, cfg.steps + 1, "finetune"):
+        labels = prompts(step, cfg, num_classes, device)
+        roll = policy.rollout(labels, generator)
+        total, parts = reward(roll.images.cpu(), labels.cpu())
+        row = {
+            "step": step,
+            "reward_mean": float(total.mean()),
+            "reward_std": float(total.std()),
+            "kl": float(roll.kl_per_sample().mean()),
+            "diversity": rl.group_diversity(roll.images, cfg.group_size),
+            **{f"reward_{name}": float(r.mean()) for name, r in parts.items()},
+            "loss": math.nan,
+            "clip_frac": math.nan,
+        }
+        stopped = row["kl"] > cfg.kl_bound
+        if not stopped and row["reward_mean"] > best.get("reward_mean", -math.inf):
+            best = {"step": step, "reward_mean": row["reward_mean"], "kl": row["kl"],
+                    "state": {k: v.detach().clone() for k, v in net.state_dict().items()}}
+        if stopped or step == cfg.steps:
+            history.append(row)
+            break
+        row.update(update(policy, opt, roll, rl.group_advantages(total, cfg.group_size), cfg))
+        history.append(row)
+        if checkpoint is not None:
+            checkpoint.maybe_save(step, cfg.steps, {
+                "net": net.state_dict(), "opt": opt.state_dict(),
+                "generator": generator.get_state(), "history": history, "best": best,
+            })
+    steps_run = sum(not math.isnan(r["loss"]) for r in history)
+    return Result(history, best, stopped, steps_run)
+
+
+@torch.no_grad()
+def score(
+    gen: Generator,
+    judges: dict[str, Classifier],
+    reward: WeightedReward,
+    test_x: torch.Tensor,
+    num_classes: int,
+    per_class: int,
+    seed: int,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Class-ordered samples with the prior file's own sampling settings, scored by the
+    evaluator (class consistency, FID against the test split) and by the reward."""
+    device = next(gen.parameters()).device
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    codes = gen.sample_codes(labels.to(device), torch.Generator().manual_seed(seed))
+    images = gen.tokenizer.decode_codes(codes).cpu()
+    total, _ = reward(images, labels)
+    evaluator = judges["evaluator"]
+    return {
+        "class_consistency": evaluation.class_consistency(evaluator, images, labels),
+        "fid": evaluation.fid(evaluation.FeatureExtractor(evaluator), test_x, images),
+        "reward_mean": float(total.mean()),
+        "reward_judge_consistency": evaluation.class_consistency(judges["reward"], images, labels),
+    }, images
+
+
+def load_judges(root: Path, num_classes: int) -> dict[str, Classifier]:
+    """Both judges, refused when they were trained for another number of classes."""
+    judges = {}
+    for role in ("reward", "evaluator"):
+        path = root / JUDGES / f"{role}.pt"
+        model, blob = load_model(path, "classifier", Classifier)
+        if blob["arch"]["num_classes"] != num_classes:
+            raise ModelFileError(
+                f"{path}: judges {blob['arch']['num_classes']} classes but the prior "
+                f"generates {num_classes}; re-run `dvc repro`"
+            )
+        judges[role] = model.requires_grad_(False)  # type: ignore[assignment]
+    return judges
+
+
+def sample_grid(images: torch.Tensor, per_class: int, num_classes: int) -> Any:
+    """The first GRID_PER_CLASS samples of each class, one class per row."""
+    show = min(GRID_PER_CLASS, per_class)
+    rows = images.view(num_classes, per_class, *images.shape[1:])[:, :show].flatten(0, 1)
+    return viz.image_grid(rows, nrow=show)
+
+
+@contextlib.contextmanager
+def cpu_threads(device: torch.device, n: int = 1) -> Iterator[None]:
+    """One intra-op thread on CPU: RL runs many small ops (batches of tens of samples, 16
+    tokens), too small to split, and on a shared CPU OpenMP threads that wait on each other
+    made a step 10-20x slower than one thread (measured on 2 busy cores)."""
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
+    cfg = params.finetune
+    deps = [PREPARED, PRIOR, TOKENIZER, JUDGES]
+    prior_file = read_model_file(root / PRIOR / "prior.pt", "prior")
+    gen = load_generator(root / TOKENIZER / "model.pt", root / PRIOR / "prior.pt")
+    num_classes = int(gen.prior.num_classes)  # type: ignore[arg-type]
+    judges = load_judges(root, num_classes)
+    reward = build_reward(cfg.rewards, cfg.reward_entry_points, judges["reward"], root)
+    test_x, _ = load_split("test", root / PREPARED)
+    ctx = common.start("finetune", params, SECTIONS, deps, root, cfg.checkpoint_every)
+    gen = gen.to(ctx.device).requires_grad_(False)
+    gen.prior.requires_grad_(True)
+    policy, reference = make_policy(gen, cfg)
+    extra = prior_file["extra"]
+    base = Generator(gen.tokenizer, reference, gen.kind, gen.sampling, extra.get("formulation"))
+    n = cfg.eval_samples_per_class
+    outs = [OUT, METRICS, PLOTS]
+
+    with (
+        tracking.stage_run("finetune", params, SECTIONS, deps, root, outs=outs) as run,
+        staged(*(root / p for p in outs)) as (out, metrics_path, plots),
+        cpu_threads(ctx.device),
+    ):
+        before, before_images = score(base, judges, reward, test_x, num_classes, n, params.base.seed)
+        result = train(policy, reward, cfg, num_classes, ctx.generator, ctx.checkpoint)
+        policy.net.load_state_dict(result.best["state"])
+        after, after_images = score(gen, judges, reward, test_x, num_classes, n, params.base.seed)
+        metrics = {
+            "before": before,
+            "after": after,
+            "steps_run": result.steps_run,
+            "stopped_early": result.stopped_early,
+            "best_step": result.best["step"],
+            "kl_final": result.best["kl"],
+        }
+        save_model(out / "prior.pt", "prior", prior_file["arch"], policy.net.cpu(), **extra)
+        write_json(metrics_path, metrics)
+        common.write_curve(result.history, plots / "reward.csv")
+        for name, images in (("before", before_images), ("after", after_images)):
+            grid = sample_grid(images, n, num_classes)
+            viz.save_png(grid, plots / f"samples_{name}.png")
+            run.log_image(grid, f"samples_{name}.png")
+        run.log_metrics(metrics)
+        run.log_history([{k: v for k, v in r.items() if math.isfinite(v)} for r in result.history])
+        run.write_meta(out)
+    ctx.checkpoint.clear()
+    return metrics

@@ -1,0 +1,302 @@
+"""RL fine-tuning: GRPO pieces, the KL estimator, diffusion step log-probs, rewards, and a few
+real steps of the stage's training loop on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from genpipe import rl
+from genpipe.config import BUILTIN_REWARDS, Finetune, ParamsError, parse_params
+from genpipe.generator import Generator
+from genpipe.models import diffusion
+from genpipe.models.tokenizer import VQAutoencoder
+from genpipe.models.transformer import ARPrior
+from genpipe.rewards import BUILTINS, RewardError, WeightedReward, build_reward, compressibility
+from genpipe.stages import finetune
+from genpipe.training import Checkpoint
+
+CLASSES = 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- pure pieces
+
+
+def test_group_advantages_normalise_within_each_group():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0, -5.0, 0.0, 5.0])
+    adv = rl.group_advantages(rewards, 3).view(3, 3)
+    assert torch.allclose(adv.mean(dim=1), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(adv[0], adv[2], atol=1e-3)  # same ranks, scale removed
+    assert torch.allclose(adv[0].std(unbiased=False), torch.tensor(1.0), atol=1e-3)
+    assert torch.equal(adv[1], torch.zeros(3))  # no signal, no blow-up
+    with pytest.raises(ValueError, match="groups of 4"):
+        rl.group_advantages(rewards, 4)
+
+
+def test_clipped_surrogate_gradient_raises_log_prob_of_advantaged_samples():
+    old = torch.tensor([-2.0, -2.0])
+    logp = old.clone().requires_grad_(True)
+    loss, clip_frac = rl.clipped_surrogate(logp, old, torch.tensor([1.0, -1.0]), 0.2)
+    loss.backward()
+    assert logp.grad[0] < 0 < logp.grad[1]  # gradient descent: up for A > 0, down for A < 0
+    assert clip_frac == 0
+
+
+def test_clipped_surrogate_stops_pushing_outside_the_trust_region():
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([1.5, 0.5, 1.5, 0.5])).requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    loss, clip_frac = rl.clipped_surrogate(logp, old, adv, 0.2)
+    loss.backward()
+    assert clip_frac == 1.0
+    # already pushed past the clip in the advantage's direction: no more gradient
+    assert logp.grad[0] == 0 and logp.grad[1] == 0
+    # moved the wrong way: the unclipped term keeps pulling back
+    assert logp.grad[2] > 0 and logp.grad[3] < 0
+
+
+def test_clipped_surrogate_broadcasts_advantages_over_steps():
+    logp = torch.zeros(2, 5, requires_grad=True)
+    loss, _ = rl.clipped_surrogate(logp, torch.zeros(2, 5), torch.tensor([1.0, -1.0]), 0.2)
+    loss.backward()
+    assert (logp.grad[0] < 0).all() and (logp.grad[1] > 0).all()
+
+
+def test_kl_k3_matches_analytic_kl_of_two_gaussians():
+    g = torch.Generator().manual_seed(0)
+    p = torch.distributions.Normal(0.0, 1.0)
+    q = torch.distributions.Normal(0.5, 1.3)
+    x = torch.randn(400_000, generator=g, dtype=torch.float64)  # drawn from p
+    est = rl.kl_k3(p.log_prob(x), q.log_prob(x))
+    analytic = torch.distributions.kl_divergence(p, q).item()
+    assert (est >= 0).all()
+    assert est.mean().item() == pytest.approx(analytic, rel=0.02)
+
+
+def test_kl_k3_matches_analytic_kl_of_two_categoricals():
+    p = torch.distributions.Categorical(probs=torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
+    q = torch.distributions.Categorical(probs=torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64))
+    torch.manual_seed(0)
+    x = p.sample((400_000,))
+    est = rl.kl_k3(p.log_prob(x), q.log_prob(x)).mean().item()
+    assert est == pytest.approx(torch.distributions.kl_divergence(p, q).item(), rel=0.02)
+
+
+def test_grpo_on_a_bandit_moves_mass_to_the_rewarded_action():
+    """The pieces together: a 4-armed categorical policy learns that arm 2 pays."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.zeros(4, requires_grad=True)
+    ref = torch.zeros(4)
+    opt = torch.optim.Adam([logits], lr=0.1)
+    for _ in range(30):
+        with torch.no_grad():
+            arms = torch.multinomial(logits.softmax(0), 16, replacement=True, generator=g)
+            old = logits.log_softmax(0)[arms]
+        adv = rl.group_advantages((arms == 2).float(), 8)
+        for _ in range(2):
+            logp = logits.log_softmax(0)[arms]
+            loss, _ = rl.clipped_surrogate(logp, old, adv, 0.2)
+            loss = loss + 0.01 * rl.kl_k3(logp, ref.log_softmax(0)[arms]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert logits.softmax(0)[2] > 0.9
+
+
+def test_group_diversity_is_zero_for_identical_groups():
+    same = torch.ones(4, 1, 2, 2)
+    assert rl.group_diversity(same, 2) == 0
+    mixed = torch.cat([torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)])
+    assert rl.group_diversity(mixed, 2) == pytest.approx(2.0)
+
+
+def test_step_log_prob_matches_torch_normal():
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(3, 4, 2, 2, generator=g)
+    x = torch.randn(3, 4, 2, 2, generator=g)
+    expected = torch.distributions.Normal(mean, 0.37).log_prob(x).flatten(1).sum(1)
+    assert torch.allclose(diffusion.step_log_prob(x, mean, 0.37), expected, atol=1e-4)
+
+
+def test_ddim_trajectory_steps_are_scored_by_their_gaussian():
+    net = tiny_denoiser()
+    form = diffusion.make_formulation("flow_matching")
+    labels = torch.tensor([0, 2])
+    traj = diffusion.sample_trajectory(net, form, labels, torch.Generator().manual_seed(0), 4)
+    i = 1
+    mean, std = diffusion.ddim_step(
+        net, form, traj.xs[i], float(traj.times[i]), float(traj.times[i + 1]), labels, eta=1.0
+    )
+    expected = torch.distributions.Normal(mean, std).log_prob(traj.xs[i + 1]).flatten(1).sum(1)
+    got = diffusion.step_log_prob(traj.xs[i + 1], mean, std)
+    assert torch.allclose(got, expected, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- rewards
+
+
+def test_builtin_reward_names_match_config():
+    assert set(BUILTINS) == set(BUILTIN_REWARDS)
+
+
+def test_class_confidence_is_log_prob_of_the_requested_class():
+    judge = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, CLASSES))
+    reward = build_reward({"class_confidence": 1.0}, {}, judge)
+    images, labels = torch.rand(5, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1])
+    total, parts = reward(images, labels)
+    expected = judge(images).log_softmax(-1)[torch.arange(5), labels].detach()
+    assert torch.allclose(total, expected) and torch.allclose(parts["class_confidence"], expected)
+
+
+def test_compressibility_prefers_flat_images():
+    flat, noise = torch.zeros(1, 1, 16, 16), torch.rand(1, 1, 16, 16, generator=torch.Generator())
+    scores = compressibility(torch.cat([flat, noise]), torch.zeros(2, dtype=torch.long))
+    assert scores[0] > scores[1] and (scores < 0).all()
+
+
+def test_weighted_sum_and_user_entry_point(tmp_path):
+    (tmp_path / "my_rewards_mod.py").write_text(
+        "def ink(images, labels):\n    return images.flatten(1).mean(1)\n"
+    )
+    reward = build_reward(
+        {"ink": 2.0, "compressibility": 0.5}, {"ink": "my_rewards_mod:ink"}, None, tmp_path
+    )
+    images = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    total, parts = reward(images, torch.zeros(3, dtype=torch.long))
+    assert torch.allclose(total, 2.0 * parts["ink"] + 0.5 * parts["compressibility"])
+    assert torch.allclose(parts["ink"], images.flatten(1).mean(1))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+        ("genpipe.rl:no_such_function", "has no attribute 'no_such_function'"),
+        ("genpipe.rl:ADV_EPS", "not a function"),
+        ("missing-colon", "expected 'module:function'"),
+    ],
+)
+def test_bad_entry_points_are_refused_with_their_key(spec, message):
+    with pytest.raises(RewardError, match=message) as err:
+        build_reward({"mine": 1.0}, {"mine": spec}, None)
+    assert "finetune.reward_entry_points.mine" in str(err.value)
+
+
+def test_unknown_reward_name_is_refused():
+    with pytest.raises(RewardError, match="finetune.rewards.nope: unknown reward; allowed"):
+        build_reward({"nope": 1.0}, {}, None)
+
+
+def test_reward_of_the_wrong_shape_is_refused():
+    reward = WeightedReward({"bad": 1.0}, {"bad": lambda images, labels: images.mean()})
+    with pytest.raises(RewardError, match="reward 'bad' must return a tensor of shape"):
+        reward(torch.rand(2, 1, 2, 2), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"rewards": {"nope": 1.0}}, "finetune.rewards.nope: unknown reward"),
+        ({"beta": -0.1}, "finetune.beta: Input should be greater than or equal to 0"),
+        (
+            {"rewards": {"x": 1.0}, "reward_entry_points": {"x": "a.b"}},
+            "finetune.reward_entry_points.x: expected 'module:function'",
+        ),
+        ({"reward_entry_points": {"compressibility": "m:f"}}, "shadows the built-in"),
+        ({"rewards": {}}, "finetune.rewards"),
+    ],
+)
+def test_bad_finetune_params_are_refused_before_any_work(section, message):
+    with pytest.raises(ParamsError, match=message):
+        parse_params({"finetune": section})
+
+
+# ---------------------------------------------------------------- the training loop
+
+
+def tiny_tokenizer() -> VQAutoencoder:
+    torch.manual_seed(0)
+    return VQAutoencoder(1, (4, 8), 0, 4, "vq", codebook_size=8, kmeans_init=False).eval()
+
+
+def tiny_denoiser() -> diffusion.Denoiser:
+    """Output layers randomised: a fresh adaLN-Zero net outputs exactly 0."""
+    torch.manual_seed(0)
+    net = diffusion.Denoiser(4, (2, 2), CLASSES, dim=16, depth=1, heads=2).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "modulation" in name or name.startswith("out."):
+                p.normal_(0, 0.2)
+    return net
+
+
+def tiny_generator(kind: str) -> Generator:
+    if kind == "ar":
+        torch.manual_seed(0)
+        prior = ARPrior(8, (2, 2), CLASSES, dim=16, depth=1, heads=2)
+        return Generator(tiny_tokenizer(), prior, "ar", {"cfg_scale": 2.0})
+    sampling = {"cfg_scale": 2.0, "sampler": "euler", "steps": 4}
+    return Generator(tiny_tokenizer(), tiny_denoiser(), "diffusion", sampling, {"name": "edm"})
+
+
+def brightness(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return images.flatten(1).mean(1)
+
+
+CFG = Finetune(steps=4, group_size=3, prompts_per_step=2, inner_iters=2, lr=1e-2, kl_bound=1e6)
+
+
+@pytest.mark.parametrize("kind", ["ar", "diffusion"])
+def test_training_updates_the_policy_and_never_the_reference(kind):
+    gen = tiny_generator(kind)
+    policy, reference = finetune.make_policy(gen, CFG)
+    frozen = {k: v.clone() for k, v in reference.state_dict().items()}
+    start = {k: v.clone() for k, v in policy.net.state_dict().items()}
+    reward = WeightedReward({"brightness": 1.0}, {"brightness": brightness})
+    result = finetune.train(policy, reward, CFG, CLASSES, torch.Generator().manual_seed(0))
+    assert all(torch.equal(v, frozen[k]) for k, v in reference.state_dict().items())
+    assert not all(torch.equal(v, start[k]) for k, v in policy.net.state_dict().items())
+    assert result.steps_run == 4 and len(result.history) == 5 and not result.stopped_early
+    assert result.history[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # policy == prior at first
+    assert all(math.isfinite(r["clip_frac"]) for r in result.history[:-1])
+
+
+def test_kl_bound_stops_early_and_keeps_the_best_batch_within_it():
+    gen = tiny_generator("ar")
+    policy, _ = finetune.make_policy(gen, CFG)
+    cfg = CFG.model_copy(update={"steps": 20, "lr": 0.1, "beta": 0.0, "kl_bound": 0.05})
+    reward = WeightedReward({"brightness": 1.0}, {"brightness": brightness})
+    result = finetune.train(policy, reward, cfg, CLASSES, torch.Generator().manual_seed(0))
+    assert result.stopped_early and result.history[-1]["kl"] > cfg.kl_bound
+    within = [r for r in result.history if r["kl"] <= cfg.kl_bound]
+    assert result.best["reward_mean"] == max(r["reward_mean"] for r in within)
+
+
+def test_resume_from_a_checkpoint_gives_the_same_result(tmp_path):
+    cfg = CFG.model_copy(update={"checkpoint_every": 2})
+    reward = WeightedReward({"brightness": 1.0}, {"brightness": brightness})
+
+    def run(checkpoint):
+        policy, _ = finetune.make_policy(tiny_generator("ar"), cfg)
+        result = finetune.train(
+            policy, reward, cfg, CLASSES, torch.Generator().manual_seed(0), checkpoint
+        )
+        return result, policy.net.state_dict()
+
+    checkpoint = Checkpoint(tmp_path / "last.pt", "fingerprint", cfg.checkpoint_every)
+    straight, weights = run(checkpoint)  # also leaves the checkpoint after step 2
+    assert checkpoint.load()["step"] == 2
+    resumed, resumed_weights = run(checkpoint)
+    assert resumed.history == straight.history
+    assert all(torch.equal(v, weights[k]) for k, v in resumed_weights.items())
