@@ -42,7 +42,8 @@ def client(repo: Path):
 
 
 def aliases(repo: Path) -> dict[str, str]:
-    return dict(client(repo).get_registered_model("genpipe-generator").aliases)
+    found = client(repo).get_registered_model("genpipe-generator").aliases
+    return {alias: str(version) for alias, version in found.items()}
 
 
 def pyfunc_env(repo: Path) -> dict[str, str]:
