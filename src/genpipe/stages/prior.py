@@ -101,42 +101,18 @@ def check_codes(card: dict[str, Any], codebook_size: int, grid: tuple[int, int])
         )
 
 
-def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
+def train(
+    params: Params,
+    model: nn.Module,
+    form: diffusion.Formulation | None,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    ctx: common.StageContext,
+) -> tuple[nn.Module, list[dict[str, float]]]:
+    """Train `model` from scratch or resume `ctx.checkpoint`; returns the (EMA) weights in eval
+    mode and the loss curve."""
     cfg, opt_cfg = params.prior, params.prior.optim
-    deps = [CODES, TOKENIZER, JUDGES]
-    sections = ("prepare", "tokenizer", "prior")
-    tokenizer = load_tokenizer(root / TOKENIZER / "model.pt", params)
-    grid = tokenizer.grid(params.prepare.image_size)
-    train_codes, train_y, card = load_codes("train", root / CODES)
-    val_codes, val_y, _ = load_codes("val", root / CODES)
-    check_codes(card, tokenizer.codebook_size, grid)
-    evaluator = load_evaluator(root)
-    ctx = common.start("prior", params, sections, deps, root, opt_cfg.checkpoint_every)
     device, g = ctx.device, ctx.generator
-    num_classes = int(train_y.max()) + 1
-    model_arch = arch(params, tokenizer.codebook_size, grid, tokenizer.latent_dim, num_classes)
-    form = diffusion.make_formulation(**formulation(params)) if cfg.kind == "diffusion" else None
-    sample_cfg = sampling(params)
-
-    with torch.no_grad():
-        latents = tokenizer.codes_to_latent(train_codes) if form else None
-    if latents is not None:
-        sample_cfg["latent_shift"], sample_cfg["latent_scale"] = (
-            float(latents.mean()),
-            float(latents.std()),
-        )
-
-    def prepare_x(codes: torch.Tensor) -> torch.Tensor:
-        if form is None:
-            return codes
-        with torch.no_grad():
-            lat = tokenizer.codes_to_latent(codes)
-        return (lat - sample_cfg["latent_shift"]) / sample_cfg["latent_scale"]
-
-    x_train, x_val = prepare_x(train_codes).to(device), prepare_x(val_codes).to(device)
-    y_train = train_y.to(device)
-
-    model = build_prior(cfg.kind, model_arch).to(device)
     opt, sched = make_optimizer(
         model, opt_cfg.lr, opt_cfg.weight_decay, opt_cfg.warmup_steps, opt_cfg.steps
     )
@@ -159,7 +135,6 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         logits = step_fn(x, y, model.drop_labels(y, g))  # type: ignore[operator]
         return F.cross_entropy(logits.flatten(0, 1).float(), x.flatten())
 
-    wall = time.perf_counter()
     model.train()
     for step in steps(start, opt_cfg.steps, f"prior ({cfg.kind})"):
         idx = batch_indices(len(x_train), opt_cfg.batch_size, params.base.seed, step).to(device)
@@ -187,17 +162,43 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
                 "history": history,
             },
         )
-    train_seconds = time.perf_counter() - wall
-    final = (ema.model if ema is not None else model).eval()
+    return (ema.model if ema is not None else model).eval(), history
 
-    metrics = validate(final, form, x_val, val_y.to(device), params.base.seed)
-    gen = Generator(tokenizer.to(device), final, cfg.kind, sample_cfg, formulation(params))
-    labels = torch.arange(num_classes, device=device).repeat_interleave(cfg.samples_per_class)
-    t0 = time.perf_counter()
-    images = gen(labels, torch.Generator(device).manual_seed(params.base.seed)).cpu()
-    sample_seconds = time.perf_counter() - t0
-    metrics["class_consistency"] = class_consistency(evaluator, images, labels.cpu())
-    timing = {"train_seconds": train_seconds, "images_per_second": len(images) / sample_seconds}
+
+def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
+    cfg = params.prior
+    deps = [CODES, TOKENIZER, JUDGES]
+    sections = ("prepare", "tokenizer", "prior")
+    tokenizer = load_tokenizer(root / TOKENIZER / "model.pt", params)
+    grid = tokenizer.grid(params.prepare.image_size)
+    train_codes, train_y, card = load_codes("train", root / CODES)
+    val_codes, val_y, _ = load_codes("val", root / CODES)
+    check_codes(card, tokenizer.codebook_size, grid)
+    evaluator = load_evaluator(root)
+    ctx = common.start("prior", params, sections, deps, root, cfg.optim.checkpoint_every)
+    device = ctx.device
+    num_classes = int(train_y.max()) + 1
+    model_arch = arch(params, tokenizer.codebook_size, grid, tokenizer.latent_dim, num_classes)
+    form = diffusion.make_formulation(**formulation(params)) if cfg.kind == "diffusion" else None
+    sample_cfg = sampling(params)
+
+    with torch.no_grad():
+        latents = tokenizer.codes_to_latent(train_codes) if form else None
+    if latents is not None:
+        sample_cfg["latent_shift"], sample_cfg["latent_scale"] = (
+            float(latents.mean()),
+            float(latents.std()),
+        )
+
+    def prepare_x(codes: torch.Tensor) -> torch.Tensor:
+        if form is None:
+            return codes
+        with torch.no_grad():
+            lat = tokenizer.codes_to_latent(codes)
+        return (lat - sample_cfg["latent_shift"]) / sample_cfg["latent_scale"]
+
+    x_train, x_val = prepare_x(train_codes).to(device), prepare_x(val_codes).to(device)
+    model = build_prior(cfg.kind, model_arch).to(device)
 
     with (
         tracking.stage_run(
@@ -205,6 +206,17 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         ) as run,
         staged(root / OUT, root / METRICS, root / PLOTS) as (out, metrics_path, plots),
     ):
+        t0 = time.perf_counter()
+        final, history = train(params, model, form, x_train, train_y.to(device), ctx)
+        train_seconds = time.perf_counter() - t0
+        metrics = validate(final, form, x_val, val_y.to(device), params.base.seed)
+        gen = Generator(tokenizer.to(device), final, cfg.kind, sample_cfg, formulation(params))
+        labels = torch.arange(num_classes, device=device).repeat_interleave(cfg.samples_per_class)
+        t0 = time.perf_counter()
+        images = gen(labels, torch.Generator(device).manual_seed(params.base.seed)).cpu()
+        sample_seconds = time.perf_counter() - t0
+        metrics["class_consistency"] = class_consistency(evaluator, images, labels.cpu())
+        timing = {"train_seconds": train_seconds, "images_per_second": len(images) / sample_seconds}
         save_model(
             out / "prior.pt",
             "prior",
@@ -216,10 +228,8 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         )
         write_json(metrics_path, {"kind": cfg.kind, **metrics})
         common.write_curve(history, plots / "loss.csv")
-        shown = images.view(num_classes, cfg.samples_per_class, *images.shape[1:])[:, :10].flatten(
-            0, 1
-        )
-        grid_img = viz.image_grid(shown, nrow=min(10, cfg.samples_per_class))
+        shown = images.view(num_classes, cfg.samples_per_class, *images.shape[1:])[:, :10]
+        grid_img = viz.image_grid(shown.flatten(0, 1), nrow=min(10, cfg.samples_per_class))
         viz.save_png(grid_img, plots / "samples.png")
         run.log_image(grid_img, "samples.png")
         run.log_metrics({**metrics, **timing})
