@@ -55,7 +55,7 @@ def test_resume_after_interrupt_gives_identical_weights(prepared):
     (model_a, hist_a), ctx = _train(params, prepared)
     ctx.checkpoint.clear()
 
-    def interrupt(step: int) -> None:
+    def interrupt(step: int, model) -> None:
         if step == 6:
             raise KeyboardInterrupt
 
@@ -73,7 +73,7 @@ def test_checkpoint_for_other_params_is_not_resumed(prepared):
         _train(
             params,
             prepared,
-            on_step=lambda s: (_ for _ in ()).throw(KeyboardInterrupt) if s == 5 else None,
+            on_step=lambda s, m: (_ for _ in ()).throw(KeyboardInterrupt) if s == 5 else None,
         )
     other = parse_params({**TINY, "base": {"seed": 3}})
     ctx = common.start(

@@ -48,7 +48,8 @@ def load_tokenizer(path: Path, params: Params | None = None) -> VQAutoencoder:
     return model
 
 
-def _ssl_encoder(params: Params, root: Path) -> nn.Module:
+def load_ssl_encoder(params: Params, root: Path) -> nn.Module:
+    """The `pretrain` encoder, refused unless its architecture is this tokenizer's encoder."""
     cfg = params.tokenizer
     expect = {
         "in_channels": params.prepare.channels,
@@ -65,9 +66,10 @@ def train(
     train_x: torch.Tensor,
     ctx: common.StageContext,
     ssl_encoder: nn.Module | None = None,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int, VQAutoencoder], None] | None = None,
 ) -> tuple[VQAutoencoder, list[dict[str, float]]]:
-    """Train from scratch or resume `ctx.checkpoint`; returns the (EMA) model and the curve."""
+    """Train from scratch or resume `ctx.checkpoint`; returns the (EMA) model and the curve.
+    `on_step(step, model)` runs after each step (interrupt tests, learning-speed benchmarks)."""
     cfg, opt_cfg = params.tokenizer, params.tokenizer.optim
     device, world = ctx.device, ctx.world
     model = build(params).to(device)
@@ -160,7 +162,7 @@ def train(
             },
         )
         if on_step is not None:
-            on_step(step)
+            on_step(step, model)
     final = ema.model if ema is not None else model
     return final.eval(), history  # type: ignore[return-value]
 
@@ -203,7 +205,7 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     )
     train_x, _ = load_split("train", root / PREPARED)
     splits = {s: load_split(s, root / PREPARED) for s in ("val", "test")}
-    ssl_encoder = _ssl_encoder(params, root) if needs_ssl else None
+    ssl_encoder = load_ssl_encoder(params, root) if needs_ssl else None
     if not ctx.world.is_main:  # other torchrun ranks train alongside rank 0, which writes
         train(params, train_x, ctx, ssl_encoder)
         return {}
