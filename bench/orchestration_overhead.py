@@ -49,8 +49,10 @@ def main() -> None:
     print(f"{'how':<42}{'wall s':>8}{'overhead s':>12}{'x work':>8}")
     for name, secs in rows:
         print(f"{name:<42}{secs:>8.2f}{secs - work:>12.2f}{secs / work:>8.1f}")
-    print(f"Prefect overhead per stage: {ephemeral - bare:.1f} s with a temporary server, "
-          f"{served - bare:.1f} s with a running one")
+    print(
+        f"Prefect overhead per stage: {ephemeral - bare:.1f} s with a temporary server, "
+        f"{served - bare:.1f} s with a running one"
+    )
 
 
 if __name__ == "__main__":

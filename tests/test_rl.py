@@ -14,7 +14,14 @@ from genpipe.generator import Generator
 from genpipe.models import diffusion
 from genpipe.models.tokenizer import VQAutoencoder
 from genpipe.models.transformer import ARPrior
-from genpipe.rewards import BUILTINS, RewardError, WeightedReward, build_reward, compressibility
+from genpipe.rewards import (
+    BUILTINS,
+    RewardContext,
+    RewardError,
+    WeightedReward,
+    build_reward,
+    compressibility,
+)
 from genpipe.stages import finetune
 from genpipe.training import Checkpoint
 
@@ -152,11 +159,25 @@ def test_builtin_reward_names_match_config():
 
 def test_class_confidence_is_log_prob_of_the_requested_class():
     judge = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, CLASSES))
-    reward = build_reward({"class_confidence": 1.0}, {}, judge)
+    reward = build_reward({"class_confidence": 1.0}, {}, RewardContext(judge))
     images, labels = torch.rand(5, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1])
     total, parts = reward(images, labels)
     expected = judge(images).log_softmax(-1)[torch.arange(5), labels].detach()
     assert torch.allclose(total, expected) and torch.allclose(parts["class_confidence"], expected)
+
+
+def test_class_confidence_saturates_at_the_cap():
+    """Past the cap a more confident judge earns nothing: within a group of samples the judge
+    already accepts, every advantage is zero and RL leaves them alone."""
+    judge = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, CLASSES))
+    with torch.no_grad():
+        judge[1].weight.zero_()
+        judge[1].bias.copy_(torch.tensor([6.0, 0.0, 0.0]))  # p(class 0) ~ 0.995
+    reward = build_reward({"class_confidence": 1.0}, {}, RewardContext(judge, 0.9))
+    total, _ = reward(torch.rand(4, 1, 2, 2), torch.tensor([0, 0, 1, 2]))
+    assert torch.allclose(total[:2], torch.full((2,), math.log(0.9)))
+    assert (total[2:] < math.log(0.9) - 1).all()  # doubted samples keep their full signal
+    assert (rl.group_advantages(total[:2], 2) == 0).all()
 
 
 def test_compressibility_prefers_flat_images():
@@ -272,15 +293,22 @@ def test_training_updates_the_policy_and_never_the_reference(kind):
     assert all(math.isfinite(r["clip_frac"]) for r in result.history[:-1])
 
 
-def test_kl_bound_stops_early_and_keeps_the_best_batch_within_it():
+@pytest.mark.parametrize("window", [1, 3])
+def test_kl_bound_stops_early_and_keeps_the_best_batch_within_it(window):
     gen = tiny_generator("ar")
     policy, _ = finetune.make_policy(gen, CFG)
-    cfg = CFG.model_copy(update={"steps": 20, "lr": 0.1, "beta": 0.0, "kl_bound": 0.05})
+    cfg = CFG.model_copy(
+        update={"steps": 20, "lr": 0.1, "beta": 0.0, "kl_bound": 0.05, "rail_window": window}
+    )
     reward = WeightedReward({"brightness": 1.0}, {"brightness": brightness})
     result = finetune.train(policy, reward, cfg, CLASSES, torch.Generator().manual_seed(0))
-    assert result.stopped_early and result.history[-1]["kl"] > cfg.kl_bound
-    within = [r for r in result.history if r["kl"] <= cfg.kl_bound]
-    assert result.best["reward_mean"] == max(r["reward_mean"] for r in within)
+    history = result.history
+    assert result.stopped_early and history[-1]["kl_window"] > cfg.kl_bound
+    for i, row in enumerate(history):  # the rails average the last `window` batches
+        recent = history[max(0, i - window + 1) : i + 1]
+        assert row["kl_window"] == pytest.approx(sum(r["kl"] for r in recent) / len(recent))
+    within = [r for r in history if r["kl_window"] <= cfg.kl_bound]
+    assert result.best["reward"] == max(r["reward_mean_window"] for r in within)
 
 
 def test_resume_from_a_checkpoint_gives_the_same_result(tmp_path):

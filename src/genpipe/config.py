@@ -216,6 +216,9 @@ class Finetune(Section):
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip of the importance ratio")
     beta: float = Field(0.05, ge=0, description="weight of the k3 KL penalty to the prior")
     kl_bound: float = Field(5.0, gt=0, description="stop early when the KL per sample passes it")
+    rail_window: int = Field(
+        5, ge=1, description="batches averaged for the KL bound and for choosing the best step"
+    )
     lr: float = Field(1e-4, gt=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables clipping")
@@ -225,14 +228,19 @@ class Finetune(Section):
     reward_entry_points: dict[str, str] = Field(
         {}, description='your own rewards: name -> "module:function" (see genpipe.rewards)'
     )
-    cfg_scale: float = Field(1.0, ge=0, description="guidance while sampling for RL; 1 = off")
+    confidence_cap: float = Field(
+        0.99, gt=0, le=1, description="class_confidence stops rising at this probability; 1 = off"
+    )
+    cfg_scale: float | None = Field(
+        None, ge=0, description="guidance while sampling for RL; null = the prior's own, 1 = off"
+    )
     temperature: float = Field(1.0, gt=0, description="ar sampling temperature for RL")
     diffusion_eta: float = Field(1.0, gt=0, description="ddim stochasticity for RL (diffusion)")
     diffusion_steps: int = Field(10, ge=2, description="ddim steps while sampling for RL")
     train_step_fraction: float = Field(
         0.5, gt=0, le=1, description="share of denoising steps trained per batch (diffusion)"
     )
-    eval_samples_per_class: int = Field(50, ge=2, description="for the before/after metrics")
+    eval_samples_per_class: int = Field(200, ge=2, description="for the before/after metrics")
     checkpoint_every: int = Field(20, ge=0, description="steps between checkpoints; 0 = never")
 
     @model_validator(mode="after")

@@ -23,8 +23,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = ADV_EP
     rewards are all equal gets zero advantage (no signal), not a division blow-up."""
     if group_size < 2 or rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(
-            f"rewards {tuple(rewards.shape)} must be 1-D and split into groups of "
-            f"{group_size} >= 2"
+            f"rewards {tuple(rewards.shape)} must be 1-D and split into groups of {group_size} >= 2"
         )
     groups = rewards.float().view(-1, group_size)
     mean = groups.mean(dim=1, keepdim=True)

@@ -3,14 +3,16 @@
 Each step takes `prompts_per_step` class labels (cycled through the classes) and samples
 `group_size` images for each from the current policy; the rewards (genpipe.rewards) become
 advantages within each group; `inner_iters` updates then follow the clipped surrogate plus
-beta times the k3 KL to the frozen prior (genpipe.rl). `ar` scores whole code sequences;
-`diffusion` samples by stochastic DDIM and scores a random share of its Gaussian steps.
+beta times the k3 KL to the frozen prior (genpipe.rl), both taken per action: a whole code
+grid for `ar`; each Gaussian step of stochastic DDIM for `diffusion` (a random share of them).
 
-Rails: the KL per sample (over the whole generation) is measured on every batch; past
-`kl_bound` training stops, and the weights kept are those with the best mean reward among the
-batches within the bound. Before/after metrics sample as the prior file says (what evaluation
-and serving do) and are judged by the evaluator, which RL never sees, so reward hacking of the
-reward judge shows as a gap between the two judges.
+Rails: the KL per sample (over the whole generation) and the mean reward are measured on
+every batch and averaged over the last `rail_window` batches; past `kl_bound` training stops,
+and the weights kept are those with the best averaged reward within the bound. The reward
+saturates at `confidence_cap`, and RL samples with the prior's own guidance unless
+`cfg_scale` says otherwise, since that is how the fine-tuned prior is evaluated and served.
+Before/after metrics sample as the prior file says and are judged by the evaluator, which RL
+never sees, so reward hacking of the reward judge shows as a gap between the two judges.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from genpipe.models import diffusion
 from genpipe.models.classifier import Classifier
 from genpipe.models.transformer import ARPrior
 from genpipe.outputs import staged, write_json
-from genpipe.rewards import WeightedReward, build_reward
+from genpipe.rewards import RewardContext, WeightedReward, build_reward
 from genpipe.stages import common
 from genpipe.stages.evaluate import JUDGES
 from genpipe.stages.tokenizer import OUT as TOKENIZER
@@ -78,12 +80,14 @@ class Policy(Protocol):
 
 
 class ARPolicy:
-    """The transformer prior as a policy: one action = a whole code grid."""
+    """The transformer prior as a policy: one action = a whole code grid, scored as one
+    sequence (per-code ratios clipped per code let a grid move L times further per update,
+    and drifted further from the prior for no more reward, measured)."""
 
-    def __init__(self, gen: Generator, reference: ARPrior, cfg: Finetune) -> None:
+    def __init__(self, gen: Generator, reference: ARPrior, cfg: Finetune, cfg_scale: float) -> None:
         assert isinstance(gen.prior, ARPrior)
         self.tokenizer, self.net, self.reference = gen.tokenizer, gen.prior, reference
-        self.cfg_scale, self.temperature = cfg.cfg_scale, cfg.temperature
+        self.cfg_scale, self.temperature = cfg_scale, cfg.temperature
 
     def _log_prob(self, net: ARPrior, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return net.log_prob(codes, labels, self.cfg_scale, self.temperature)[:, None]
@@ -106,10 +110,12 @@ class DiffusionPolicy:
     """The denoiser as a policy over stochastic DDIM: each step is a Gaussian action; a random
     `train_step_fraction` of the steps is scored per batch, to save compute (as in DDPO)."""
 
-    def __init__(self, gen: Generator, reference: diffusion.Denoiser, cfg: Finetune) -> None:
+    def __init__(
+        self, gen: Generator, reference: diffusion.Denoiser, cfg: Finetune, cfg_scale: float
+    ) -> None:
         assert isinstance(gen.prior, diffusion.Denoiser) and gen.formulation is not None
         self.gen, self.net, self.reference, self.form = gen, gen.prior, reference, gen.formulation
-        self.cfg = cfg
+        self.cfg, self.cfg_scale = cfg, cfg_scale
 
     def _log_prob(
         self, net: diffusion.Denoiser, traj: diffusion.Trajectory, picks: torch.Tensor, labels
@@ -118,7 +124,7 @@ class DiffusionPolicy:
         for i in picks.tolist():
             t, s = float(traj.times[i]), float(traj.times[i + 1])
             mean, std = diffusion.ddim_step(
-                net, self.form, traj.xs[i], t, s, labels, self.cfg.cfg_scale, self.cfg.diffusion_eta
+                net, self.form, traj.xs[i], t, s, labels, self.cfg_scale, self.cfg.diffusion_eta
             )
             cols.append(diffusion.step_log_prob(traj.xs[i + 1], mean, std))
         return torch.stack(cols, dim=1)
@@ -126,7 +132,12 @@ class DiffusionPolicy:
     def rollout(self, labels: torch.Tensor, generator: torch.Generator) -> Rollout:
         cfg = self.cfg
         traj = diffusion.sample_trajectory(
-            self.net, self.form, labels, generator, cfg.diffusion_steps, cfg.cfg_scale,
+            self.net,
+            self.form,
+            labels,
+            generator,
+            cfg.diffusion_steps,
+            self.cfg_scale,
             cfg.diffusion_eta,
         )
         stochastic = torch.nonzero(traj.stds > 0).flatten()
@@ -147,11 +158,15 @@ class DiffusionPolicy:
 
 
 def make_policy(gen: Generator, cfg: Finetune) -> tuple[Policy, nn.Module]:
-    """(policy that trains gen.prior in place, frozen copy of the prior it starts from)."""
+    """(policy that trains gen.prior in place, frozen copy of the prior it starts from).
+    cfg_scale null samples with the prior's own guidance, as evaluation and serving do."""
     reference = copy.deepcopy(gen.prior).eval().requires_grad_(False)
+    cfg_scale = cfg.cfg_scale
+    if cfg_scale is None:
+        cfg_scale = float(gen.sampling.get("cfg_scale", 1.0))
     if gen.kind == "ar":
-        return ARPolicy(gen, reference, cfg), reference  # type: ignore[arg-type]
-    return DiffusionPolicy(gen, reference, cfg), reference  # type: ignore[arg-type]
+        return ARPolicy(gen, reference, cfg, cfg_scale), reference  # type: ignore[arg-type]
+    return DiffusionPolicy(gen, reference, cfg, cfg_scale), reference  # type: ignore[arg-type]
 
 
 def prompts(step: int, cfg: Finetune, num_classes: int, device: torch.device) -> torch.Tensor:
@@ -183,7 +198,7 @@ def update(
 @dataclass
 class Result:
     history: list[dict[str, float]]
-    best: dict[str, Any]  # step, reward_mean, kl, state (weights)
+    best: dict[str, Any]  # step, reward and kl (averaged over rail_window), state (weights)
     stopped_early: bool
     steps_run: int
 
@@ -197,8 +212,11 @@ def train(
     checkpoint: Checkpoint | None = None,
 ) -> Result:
     """GRPO for cfg.steps steps (resuming `checkpoint`), plus one last batch that only measures
-    the final weights. Each batch measures the weights that drew it; the best within kl_bound
-    is kept. Rows whose batch made no update have NaN loss and clip fraction."""
+    the final weights. Each batch measures the weights that drew it, averaged over the last
+    `rail_window` batches: one batch's mean reward is too noisy to rank weights by (a lucky
+    early batch would win), and one batch's k3 KL too heavy-tailed to stop on. Training stops
+    when that KL passes kl_bound; the weights with the best averaged reward within it are
+    kept. Rows whose batch made no update have NaN loss and clip fraction."""
     net = policy.net
     opt = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr)
     history: list[dict[str, float]] = []
@@ -222,23 +240,36 @@ def train(
             "kl": float(roll.kl_per_sample().mean()),
             "diversity": rl.group_diversity(roll.images, cfg.group_size),
             **{f"reward_{name}": float(r.mean()) for name, r in parts.items()},
-            "loss": math.nan,
-            "clip_frac": math.nan,
         }
-        stopped = row["kl"] > cfg.kl_bound
-        if not stopped and row["reward_mean"] > best.get("reward_mean", -math.inf):
-            best = {"step": step, "reward_mean": row["reward_mean"], "kl": row["kl"],
-                    "state": {k: v.detach().clone() for k, v in net.state_dict().items()}}
+        window = [*history[len(history) - cfg.rail_window + 1 :], row]
+        for key in ("reward_mean", "kl"):
+            row[f"{key}_window"] = sum(r[key] for r in window) / len(window)
+        row.update(loss=math.nan, clip_frac=math.nan)
+        stopped = row["kl_window"] > cfg.kl_bound
+        if not stopped and row["reward_mean_window"] > best.get("reward", -math.inf):
+            best = {
+                "step": step,
+                "reward": row["reward_mean_window"],
+                "kl": row["kl_window"],
+                "state": {k: v.detach().clone() for k, v in net.state_dict().items()},
+            }
         if stopped or step == cfg.steps:
             history.append(row)
             break
         row.update(update(policy, opt, roll, rl.group_advantages(total, cfg.group_size), cfg))
         history.append(row)
         if checkpoint is not None:
-            checkpoint.maybe_save(step, cfg.steps, {
-                "net": net.state_dict(), "opt": opt.state_dict(),
-                "generator": generator.get_state(), "history": history, "best": best,
-            })
+            checkpoint.maybe_save(
+                step,
+                cfg.steps,
+                {
+                    "net": net.state_dict(),
+                    "opt": opt.state_dict(),
+                    "generator": generator.get_state(),
+                    "history": history,
+                    "best": best,
+                },
+            )
     steps_run = sum(not math.isnan(r["loss"]) for r in history)
     return Result(history, best, stopped, steps_run)
 
@@ -312,7 +343,8 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     gen = load_generator(root / TOKENIZER / "model.pt", root / PRIOR / "prior.pt")
     num_classes = int(gen.prior.num_classes)  # type: ignore[arg-type]
     judges = load_judges(root, num_classes)
-    reward = build_reward(cfg.rewards, cfg.reward_entry_points, judges["reward"], root)
+    context = RewardContext(judges["reward"], cfg.confidence_cap)
+    reward = build_reward(cfg.rewards, cfg.reward_entry_points, context, root)
     test_x, _ = load_split("test", root / PREPARED)
     ctx = common.start("finetune", params, SECTIONS, deps, root, cfg.checkpoint_every)
     gen = gen.to(ctx.device).requires_grad_(False)
@@ -328,7 +360,9 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         staged(*(root / p for p in outs)) as (out, metrics_path, plots),
         cpu_threads(ctx.device),
     ):
-        before, before_images = score(base, judges, reward, test_x, num_classes, n, params.base.seed)
+        before, before_images = score(
+            base, judges, reward, test_x, num_classes, n, params.base.seed
+        )
         result = train(policy, reward, cfg, num_classes, ctx.generator, ctx.checkpoint)
         policy.net.load_state_dict(result.best["state"])
         after, after_images = score(gen, judges, reward, test_x, num_classes, n, params.base.seed)
