@@ -103,6 +103,7 @@ def _client() -> Any:
 def log_generator(tokenizer: Path, prior: Path, num_classes: int) -> str:
     """Log the pyfunc generator in the active run and register it; returns the new version."""
     import genpipe
+    from genpipe.tracking import model_requirements
 
     example = pd.DataFrame(
         {
@@ -116,6 +117,7 @@ def log_generator(tokenizer: Path, prior: Path, num_classes: int) -> str:
         artifacts={"tokenizer": str(tokenizer), "prior": str(prior)},
         code_paths=[str(Path(genpipe.__file__).parent)],
         input_example=example,
+        pip_requirements=model_requirements(),
         registered_model_name=MODEL_NAME,
     )
     return str(info.registered_model_version)

@@ -22,6 +22,15 @@ from genpipe.config import Params
 from genpipe.outputs import write_json
 
 EXPERIMENT = os.environ.get("GENPIPE_EXPERIMENT", "genpipe")
+MODEL_PACKAGES = ("torch", "torchvision", "numpy", "pandas")  # what loading a model imports
+
+
+def model_requirements() -> list[str]:
+    """Exact pins of the packages a logged genpipe model needs. Given explicitly, MLflow skips
+    inferring them, which loads the model again in a subprocess (seconds per logged model)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in MODEL_PACKAGES]
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -123,6 +132,7 @@ class StageRun:
             name=name,
             signature=infer_signature(input_example),
             serialization_format="pickle",
+            pip_requirements=model_requirements(),
         )
         return str(info.model_uri)
 
