@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows.server import local_server  # noqa: E402
 from genpipe.config import load_params  # noqa: E402
+from genpipe.prefect_server import local_server  # noqa: E402
 from genpipe.stages import prepare  # noqa: E402
 
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from flows.server import local_server
 from flows.stage import is_transient
+from genpipe.prefect_server import local_server
 
 DECISION = Path("reports/register/decision.json")
 EVALUATION = Path("metrics/evaluate.json")

@@ -32,7 +32,7 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One Prefect server for every pipeline test, as the README recommends for speed."""
     sys.path.insert(0, str(REPO))
-    from flows.server import local_server
+    from genpipe.prefect_server import local_server
 
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
     with local_server() as url:

@@ -15,7 +15,7 @@ import pytest
 
 from genpipe.registry import decide
 from tests.conftest import copy_repo, git, run
-from tests.tiny import write_tiny_params
+from tests.tiny import edit_params, write_tiny_params
 
 pytestmark = pytest.mark.slow
 ENV = {"MLFLOW_TRACKING_URI": None}
@@ -269,7 +269,7 @@ def test_served_deployment_runs_when_triggered_through_the_api(repo, prefect_api
 
 def test_failed_run_moves_no_alias(repo):
     before = aliases(repo)
-    write_tiny_params(repo, {"evaluate": {"samples_per_class": 1}})  # invalid: stops evaluate
+    edit_params(repo, {"evaluate": {"samples_per_class": 1}})  # invalid: stops evaluate
     commit(repo, "bad evaluate params")
     proc = subprocess.run(
         ["python", "-m", "flows.pipeline"],
@@ -286,7 +286,7 @@ def test_failed_run_moves_no_alias(repo):
 
 
 def test_worse_candidate_is_not_promoted(repo):
-    write_tiny_params(repo, {"prior": {"optim": {"steps": 2}}})  # a barely trained prior
+    edit_params(repo, {"prior": {"optim": {"steps": 2}}})  # a barely trained prior
     commit(repo, "undertrained prior")
     run(["python", "-m", "flows.pipeline"], repo, ENV)
     decision = json.loads((repo / "reports/register/decision.json").read_text())
@@ -316,7 +316,7 @@ def test_audit_names_data_changed_behind_dvcs_back(repo):
 
 
 def test_audit_refuses_a_run_from_a_dirty_tree(repo):
-    write_tiny_params(repo, {"evaluate": {"samples_per_class": 6}})  # not committed
+    edit_params(repo, {"evaluate": {"samples_per_class": 6}})  # not committed
     run(["python", "-m", "flows.pipeline"], repo, ENV)
     version = json.loads((repo / "reports/register/decision.json").read_text())["version"]
     proc = subprocess.run(

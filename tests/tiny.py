@@ -41,6 +41,10 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def write_tiny_params(repo: Path, extra: dict | None = None) -> None:
+    edit_params(repo, merge(OVERRIDES, extra or {}))
+
+
+def edit_params(repo: Path, changes: dict) -> None:
+    """Merge `changes` into the repo's params.yaml, leaving every other value as it is."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params = merge(merge(params, OVERRIDES), extra or {})
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(merge(params, changes), sort_keys=False))

@@ -28,6 +28,7 @@ import yaml
 from genpipe import lineage, tracking
 from genpipe.config import parse_params
 from genpipe.outputs import write_json
+from genpipe.prefect_server import local_server
 
 
 @dataclass
@@ -167,11 +168,14 @@ def rerun(report: Report, runs: dict[str, dict[str, Any]], root: Path, target: s
             ["dvc", "checkout", "-q", "data.dvc"],
             ["dvc", "repro", "--force", target],
         ]
-        for cmd in steps:
-            proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                report.check("re-run", False, f"`{' '.join(cmd)}` failed: {proc.stderr[-2000:]}")
-                return
+        with local_server() as api_url:  # one Prefect server for every stage, not one each
+            for cmd in steps:
+                env["PREFECT_API_URL"] = api_url
+                proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    failed = f"`{' '.join(cmd)}` failed: {proc.stderr[-2000:]}"
+                    report.check("re-run", False, failed)
+                    return
         report.check("re-run", True, f"dvc repro --force {target} at {report.commit[:12]}")
         model_run = next(iter(runs))  # its outputs name the registry version: not re-made
         for stage, rec in sorted(runs.items()):

@@ -1,4 +1,4 @@
-"""A Prefect server for the length of a pipeline run.
+"""A Prefect server for the length of a pipeline run (`make repro`, `genpipe audit`).
 
 Without `PREFECT_API_URL`, every `python -m flows.<stage>` process starts its own temporary
 server (~8-13 s each on 2 cores). Starting one server for the whole `dvc repro` and pointing
