@@ -10,7 +10,6 @@ import math
 
 import torch
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 
 class FeatureExtractor(nn.Module):
@@ -29,6 +28,10 @@ class FeatureExtractor(nn.Module):
 
 def fid(extractor: FeatureExtractor, real: torch.Tensor, fake: torch.Tensor) -> float:
     """Frechet distance between evaluator features of two image sets in [0, 1]."""
+    # imported here: torchmetrics pulls in torchvision, scipy and torch._dynamo (~4.5 s), which
+    # stages that only need class_consistency should not pay at start-up
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     # statistics accumulate in float64 inside torchmetrics; the extractor stays float32
     metric = FrechetInceptionDistance(feature=extractor, normalize=True, reset_real_features=True)
     for x, real_flag in ((real, True), (fake, False)):

@@ -25,8 +25,9 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         from genpipe.generator import load_generator
+        from genpipe.training import deterministic_kernels
 
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        deterministic_kernels()
         self.generator = load_generator(
             Path(context.artifacts["tokenizer"]), Path(context.artifacts["prior"])
         )

@@ -22,7 +22,7 @@ from genpipe.config import Params
 from genpipe.outputs import write_json
 
 EXPERIMENT = os.environ.get("GENPIPE_EXPERIMENT", "genpipe")
-MODEL_PACKAGES = ("torch", "torchvision", "numpy", "pandas")  # what loading a model imports
+MODEL_PACKAGES = ("torch", "numpy", "pandas")  # what loading a model imports
 
 
 def model_requirements() -> list[str]:

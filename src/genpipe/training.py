@@ -25,8 +25,18 @@ def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    deterministic_kernels()
     return torch.Generator().manual_seed(seed)
+
+
+def deterministic_kernels() -> None:
+    """Deterministic kernels (warn where none exists). The public switch also imports Inductor
+    to set its deterministic mode, ~3.5 s at every stage start; only torch.compile, which
+    genpipe uses on CUDA alone, reads that mode, so CPU-only machines set the kernel flag alone."""
+    if torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch._C._set_deterministic_algorithms(True, warn_only=True)
 
 
 def pick_device(requested: str) -> torch.device:
