@@ -23,7 +23,7 @@ repro: data
 	python -m flows.pipeline
 
 test: setup
-	pytest -q tests
+	pytest -q -n 2 --dist loadgroup tests
 
 lint: setup
 	ruff check src flows tests bench && ruff format --check src flows tests bench
