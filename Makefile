@@ -22,8 +22,12 @@ data: setup
 repro: data
 	python -m flows.pipeline
 
+# Two xdist workers, whole files as units, in the order given: the two pipeline modules
+# (minutes each, one repo per module) start first, one per worker; the rest fill in after.
+SLOW_TESTS := tests/test_ops.py tests/test_pipeline_e2e.py
+
 test: setup
-	pytest -q -n 2 --dist loadgroup tests
+	pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(SLOW_TESTS) tests
 
 lint: setup
 	ruff check src flows tests bench && ruff format --check src flows tests bench

@@ -17,8 +17,7 @@ from genpipe.registry import decide
 from tests.conftest import copy_repo, git, run
 from tests.tiny import edit_params, write_tiny_params
 
-# one xdist worker runs this module (its tests share a repo and run in file order)
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ops")]
+pytestmark = pytest.mark.slow
 ENV = {"MLFLOW_TRACKING_URI": None}
 
 

@@ -10,8 +10,7 @@ import yaml
 
 from tests.conftest import copy_repo, run
 
-# one xdist worker runs this module (its tests share the pipeline fixture, in file order)
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
