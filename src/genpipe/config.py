@@ -240,7 +240,7 @@ class Finetune(Section):
     train_step_fraction: float = Field(
         0.5, gt=0, le=1, description="share of denoising steps trained per batch (diffusion)"
     )
-    eval_samples_per_class: int = Field(200, ge=2, description="for the before/after metrics")
+    eval_samples_per_class: int = Field(100, ge=2, description="for the before/after metrics")
     checkpoint_every: int = Field(20, ge=0, description="steps between checkpoints; 0 = never")
 
     @model_validator(mode="after")

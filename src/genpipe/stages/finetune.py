@@ -358,12 +358,12 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     with (
         tracking.stage_run("finetune", params, SECTIONS, deps, root, outs=outs) as run,
         staged(*(root / p for p in outs)) as (out, metrics_path, plots),
-        cpu_threads(ctx.device),
     ):
         before, before_images = score(
             base, judges, reward, test_x, num_classes, n, params.base.seed
         )
-        result = train(policy, reward, cfg, num_classes, ctx.generator, ctx.checkpoint)
+        with cpu_threads(ctx.device):  # scoring's batches of thousands keep every thread
+            result = train(policy, reward, cfg, num_classes, ctx.generator, ctx.checkpoint)
         policy.net.load_state_dict(result.best["state"])
         after, after_images = score(gen, judges, reward, test_x, num_classes, n, params.base.seed)
         metrics = {
