@@ -2,7 +2,7 @@
 
 Without `PREFECT_API_URL`, every `python -m flows.<stage>` process starts its own temporary
 server (~8-13 s each on 2 cores). Starting one server for the whole `dvc repro` and pointing
-every stage at it cuts that to ~1-2 s per stage; a long-running `prefect server start` with
+every stage at it cuts that to ~2-4 s per stage; a long-running `prefect server start` with
 `PREFECT_API_URL` exported removes even the start-up.
 """
 
