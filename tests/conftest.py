@@ -10,9 +10,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Test-sized tensors: extra intra-op threads only add overhead (and spin on a busy box)."""
+    from genpipe.training import cpu_threads
+
+    with cpu_threads(torch.device("cpu")):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -31,14 +31,7 @@ from genpipe.models.diffusion import (
 D, GRID, CLASSES = 4, (3, 4), 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy shared CPU, OpenMP threads that wait on
-    each other can make them 10-30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def make_net(seed: int = 0) -> Denoiser:

@@ -8,14 +8,7 @@ import torch.nn.functional as F
 
 from genpipe.models.quantizer import FSQ, VectorQuantizer, build_quantizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tensors here are tiny: extra intra-op threads only add overhead (and spin on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def _grid(b: int = 4, d: int = 8, h: int = 4, w: int = 4, seed: int = 0) -> torch.Tensor:

@@ -24,13 +24,7 @@ QUANTIZERS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tensors here are tiny: extra intra-op threads only add overhead (and spin on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def _images(b: int = 6, size: int = 8, seed: int = 0) -> torch.Tensor:

@@ -169,8 +169,8 @@ def rerun(report: Report, runs: dict[str, dict[str, Any]], root: Path, target: s
             ["dvc", "repro", "--force", target],
         ]
         with local_server() as api_url:  # one Prefect server for every stage, not one each
+            env["PREFECT_API_URL"] = api_url
             for cmd in steps:
-                env["PREFECT_API_URL"] = api_url
                 proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True)
                 if proc.returncode != 0:
                     failed = f"`{' '.join(cmd)}` failed: {proc.stderr[-2000:]}"

@@ -57,7 +57,7 @@ def class_confidence(ctx: RewardContext) -> RewardFn:
     """log p_judge(label | image), dense unlike a 0/1 accuracy, and saturating at
     log(confidence_cap): past that, more judge confidence earns nothing, so RL fixes the
     samples the judge doubts instead of pushing every sample towards the judge's prototype
-    (measured: with no cap, FID in evaluator space rose 1.7x; with a cap of 0.9 it fell)."""
+    (default ar pipeline: evaluator FID 1.17x its pre-RL value with no cap, 1.01x at 0.99)."""
     judge, cap = ctx.judge.eval(), math.log(ctx.confidence_cap)
 
     @torch.no_grad()

@@ -27,6 +27,16 @@ def image_grid(
     return arr.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
+def class_grid(
+    images: torch.Tensor, per_class: int, num_classes: int, show: int = 10
+) -> np.ndarray:
+    """Class-ordered samples (num_classes * per_class, C, H, W) -> a grid with the first `show`
+    of each class, one class per row."""
+    show = min(show, per_class)
+    rows = images.reshape(num_classes, per_class, *images.shape[1:])[:, :show].flatten(0, 1)
+    return image_grid(rows, nrow=show)
+
+
 def save_png(array: np.ndarray, path: Path) -> None:
     """PNG written by Pillow with no metadata, so the bytes depend only on the pixels."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,34 +17,29 @@ from genpipe import evaluation, tracking, viz
 from genpipe.config import Params
 from genpipe.data.prepared import PREPARED, load_split
 from genpipe.generator import Generator, load_generator
-from genpipe.modelio import load_model
 from genpipe.models.classifier import Classifier
 from genpipe.outputs import staged, write_json
 from genpipe.stages import common
+from genpipe.stages.judges import OUT as JUDGES
+from genpipe.stages.judges import load_judge
 from genpipe.stages.tokenizer import OUT as TOKENIZER
 from genpipe.stages.tokenizer import evaluate as tokenizer_metrics
 
-JUDGES = Path("models/judges")
 PRIORS = {"base": Path("models/prior"), "finetuned": Path("models/finetune")}
 METRICS = Path("metrics/evaluate.json")
 PLOTS = Path("plots/evaluate")
 
 
-def load_evaluator(root: Path) -> Classifier:
-    model, _ = load_model(root / JUDGES / "evaluator.pt", "classifier", Classifier)
-    assert isinstance(model, Classifier)
-    return model
-
-
 def generate(
     gen: Generator, per_class: int, num_classes: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Class-ordered samples: images, their requested labels and their codes."""
+    """Class-ordered samples on the CPU: images, their requested labels and their codes."""
+    device = next(gen.parameters()).device
     labels = torch.arange(num_classes).repeat_interleave(per_class)
-    codes = gen.sample_codes(labels, torch.Generator().manual_seed(seed))
+    codes = gen.sample_codes(labels.to(device), torch.Generator().manual_seed(seed))
     with torch.no_grad():
         images = gen.tokenizer.decode_codes(codes)
-    return images, labels, codes
+    return images.cpu(), labels, codes.cpu()
 
 
 def floor_sample(
@@ -90,10 +85,10 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     cfg = params.evaluate
     deps = [PREPARED, JUDGES, TOKENIZER, *PRIORS.values()]
     ctx = common.start("evaluate", params, ("evaluate",), deps, root, 0)
-    evaluator = load_evaluator(root)
     test_x, _ = load_split("test", root / PREPARED)
     train_x, train_y = load_split("train", root / PREPARED)
     num_classes = int(train_y.max()) + 1
+    evaluator = load_judge(root, "evaluator", num_classes)
     floor_x = floor_sample(train_x, train_y, cfg.samples_per_class, params.base.seed)
     gens = {
         k: load_generator(root / TOKENIZER / "model.pt", root / p / "prior.pt")
@@ -118,19 +113,10 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
                 params.base.seed,
                 cfg.knn_k,
             )
-            grid = viz.image_grid(
-                _per_class_rows(images, cfg.samples_per_class, num_classes), nrow=10
-            )
+            grid = viz.class_grid(images, cfg.samples_per_class, num_classes)
             viz.save_png(grid, plots / f"samples_{name}.png")
             run.log_image(grid, f"samples_{name}.png")
         metrics["tokenizer"] = tokenizer_metrics(gens["base"].tokenizer, test_x, ctx.device)
         write_json(metrics_path, metrics)
         run.log_metrics(metrics)
     return metrics
-
-
-def _per_class_rows(
-    images: torch.Tensor, per_class: int, num_classes: int, show: int = 10
-) -> torch.Tensor:
-    """`show` samples of each class, one class per row."""
-    return images.view(num_classes, per_class, *images.shape[1:])[:, :show].flatten(0, 1)

@@ -17,10 +17,8 @@ never sees, so reward hacking of the reward judge shows as a gap between the two
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,23 +30,23 @@ from genpipe import evaluation, rl, tracking, viz
 from genpipe.config import Finetune, Params
 from genpipe.data.prepared import PREPARED, load_split
 from genpipe.generator import Generator, load_generator
-from genpipe.modelio import ModelFileError, load_model, read_model_file, save_model
+from genpipe.modelio import read_model_file, save_model
 from genpipe.models import diffusion
 from genpipe.models.classifier import Classifier
 from genpipe.models.transformer import ARPrior
 from genpipe.outputs import staged, write_json
 from genpipe.rewards import RewardContext, WeightedReward, build_reward
-from genpipe.stages import common
-from genpipe.stages.evaluate import JUDGES
+from genpipe.stages import common, evaluate
+from genpipe.stages.judges import OUT as JUDGES
+from genpipe.stages.judges import ROLES, load_judge
 from genpipe.stages.tokenizer import OUT as TOKENIZER
-from genpipe.training import Checkpoint, param_groups, steps
+from genpipe.training import Checkpoint, cpu_threads, param_groups, steps
 
 PRIOR = Path("models/prior")
 OUT = Path("models/finetune")
 METRICS = Path("metrics/finetune.json")
 PLOTS = Path("plots/finetune")
 SECTIONS = ("prior", "finetune")
-GRID_PER_CLASS = 10
 
 
 @dataclass
@@ -286,10 +284,7 @@ def score(
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Class-ordered samples with the prior file's own sampling settings, scored by the
     evaluator (class consistency, FID against the test split) and by the reward."""
-    device = next(gen.parameters()).device
-    labels = torch.arange(num_classes).repeat_interleave(per_class)
-    codes = gen.sample_codes(labels.to(device), torch.Generator().manual_seed(seed))
-    images = gen.tokenizer.decode_codes(codes).cpu()
+    images, labels, _ = evaluate.generate(gen, per_class, num_classes, seed)
     total, _ = reward(images, labels)
     evaluator = judges["evaluator"]
     return {
@@ -300,49 +295,13 @@ def score(
     }, images
 
 
-def load_judges(root: Path, num_classes: int) -> dict[str, Classifier]:
-    """Both judges, refused when they were trained for another number of classes."""
-    judges = {}
-    for role in ("reward", "evaluator"):
-        path = root / JUDGES / f"{role}.pt"
-        model, blob = load_model(path, "classifier", Classifier)
-        if blob["arch"]["num_classes"] != num_classes:
-            raise ModelFileError(
-                f"{path}: judges {blob['arch']['num_classes']} classes but the prior "
-                f"generates {num_classes}; re-run `dvc repro`"
-            )
-        judges[role] = model.requires_grad_(False)  # type: ignore[assignment]
-    return judges
-
-
-def sample_grid(images: torch.Tensor, per_class: int, num_classes: int) -> Any:
-    """The first GRID_PER_CLASS samples of each class, one class per row."""
-    show = min(GRID_PER_CLASS, per_class)
-    rows = images.view(num_classes, per_class, *images.shape[1:])[:, :show].flatten(0, 1)
-    return viz.image_grid(rows, nrow=show)
-
-
-@contextlib.contextmanager
-def cpu_threads(device: torch.device, n: int = 1) -> Iterator[None]:
-    """One intra-op thread on CPU: RL runs many small ops (batches of tens of samples, 16
-    tokens), too small to split, and on a shared CPU OpenMP threads that wait on each other
-    made a step 10-20x slower than one thread (measured on 2 busy cores)."""
-    before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     cfg = params.finetune
     deps = [PREPARED, PRIOR, TOKENIZER, JUDGES]
     prior_file = read_model_file(root / PRIOR / "prior.pt", "prior")
     gen = load_generator(root / TOKENIZER / "model.pt", root / PRIOR / "prior.pt")
     num_classes = int(gen.prior.num_classes)  # type: ignore[arg-type]
-    judges = load_judges(root, num_classes)
+    judges = {role: load_judge(root, role, num_classes) for role in ROLES}
     context = RewardContext(judges["reward"], cfg.confidence_cap)
     reward = build_reward(cfg.rewards, cfg.reward_entry_points, context, root)
     test_x, _ = load_split("test", root / PREPARED)
@@ -378,7 +337,7 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         write_json(metrics_path, metrics)
         common.write_curve(result.history, plots / "reward.csv")
         for name, images in (("before", before_images), ("after", after_images)):
-            grid = sample_grid(images, n, num_classes)
+            grid = viz.class_grid(images, n, num_classes)
             viz.save_png(grid, plots / f"samples_{name}.png")
             run.log_image(grid, f"samples_{name}.png")
         run.log_metrics(metrics)

@@ -17,7 +17,7 @@ from genpipe import tracking
 from genpipe.config import Judge, Params
 from genpipe.data.prepared import PREPARED, load_split
 from genpipe.evaluation import class_consistency
-from genpipe.modelio import save_model
+from genpipe.modelio import ModelFileError, load_model, save_model
 from genpipe.models.classifier import Classifier
 from genpipe.outputs import staged, write_json
 from genpipe.stages import common
@@ -26,6 +26,19 @@ from genpipe.training import autocast, batch_indices, make_optimizer, steps
 OUT = Path("models/judges")
 METRICS = Path("metrics/judges.json")
 ROLES = ("reward", "evaluator")
+
+
+def load_judge(root: Path, role: str, num_classes: int) -> Classifier:
+    """A trained judge, frozen; refused when it was trained for another number of classes."""
+    path = root / OUT / f"{role}.pt"
+    model, blob = load_model(path, "classifier", Classifier)
+    assert isinstance(model, Classifier)
+    if blob["arch"]["num_classes"] != num_classes:
+        raise ModelFileError(
+            f"{path}: judges {blob['arch']['num_classes']} classes but the data has "
+            f"{num_classes}; re-run `dvc repro`"
+        )
+    return model.eval().requires_grad_(False)
 
 
 def judge_arch(cfg: Judge, params: Params, num_classes: int) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from genpipe.modelio import save_model
 from genpipe.models import diffusion
 from genpipe.outputs import staged, write_json
 from genpipe.stages import common
-from genpipe.stages.evaluate import JUDGES, load_evaluator
+from genpipe.stages.judges import OUT as JUDGES
+from genpipe.stages.judges import load_judge
 from genpipe.stages.tokenize import CODES, load_codes
 from genpipe.stages.tokenizer import OUT as TOKENIZER
 from genpipe.stages.tokenizer import load_tokenizer
@@ -174,10 +175,10 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     train_codes, train_y, card = load_codes("train", root / CODES)
     val_codes, val_y, _ = load_codes("val", root / CODES)
     check_codes(card, tokenizer.codebook_size, grid)
-    evaluator = load_evaluator(root)
+    num_classes = int(train_y.max()) + 1
+    evaluator = load_judge(root, "evaluator", num_classes)
     ctx = common.start("prior", params, sections, deps, root, cfg.optim.checkpoint_every)
     device = ctx.device
-    num_classes = int(train_y.max()) + 1
     model_arch = arch(params, tokenizer.codebook_size, grid, tokenizer.latent_dim, num_classes)
     form = diffusion.make_formulation(**formulation(params)) if cfg.kind == "diffusion" else None
     sample_cfg = sampling(params)
@@ -228,8 +229,7 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         )
         write_json(metrics_path, {"kind": cfg.kind, **metrics})
         common.write_curve(history, plots / "loss.csv")
-        shown = images.view(num_classes, cfg.samples_per_class, *images.shape[1:])[:, :10]
-        grid_img = viz.image_grid(shown.flatten(0, 1), nrow=min(10, cfg.samples_per_class))
+        grid_img = viz.class_grid(images, cfg.samples_per_class, num_classes)
         viz.save_png(grid_img, plots / "samples.png")
         run.log_image(grid_img, "samples.png")
         run.log_metrics({**metrics, **timing})

@@ -16,6 +16,7 @@ from genpipe.data.prepared import PREPARED, load_split
 from genpipe.generator import Generator
 from genpipe.outputs import staged, write_json
 from genpipe.stages import common, evaluate
+from genpipe.stages.judges import load_judge
 from genpipe.stages.tokenizer import OUT as TOKENIZER
 
 REPORT = Path("reports/register")
@@ -24,9 +25,10 @@ LOWER_IS_BETTER = {"fid", "fid_ratio"}
 
 def _score(gen: Generator, params: Params, root: Path) -> dict[str, float]:
     cfg = params.evaluate
-    evaluator = evaluate.load_evaluator(root)
     test_x, _ = load_split("test", root / PREPARED)
     train_x, train_y = load_split("train", root / PREPARED)
+    num_classes = int(train_y.max()) + 1
+    evaluator = load_judge(root, "evaluator", num_classes)
     floor_x = evaluate.floor_sample(train_x, train_y, cfg.samples_per_class, params.base.seed)
     metrics, _ = evaluate.score(
         gen,
@@ -34,7 +36,7 @@ def _score(gen: Generator, params: Params, root: Path) -> dict[str, float]:
         test_x,
         floor_x,
         cfg.samples_per_class,
-        int(train_y.max()) + 1,
+        num_classes,
         params.base.seed,
         cfg.knn_k,
     )
