@@ -38,7 +38,7 @@ def load_judge(root: Path, role: str, num_classes: int) -> Classifier:
             f"{path}: judges {blob['arch']['num_classes']} classes but the data has "
             f"{num_classes}; re-run `dvc repro`"
         )
-    return model.eval().requires_grad_(False)
+    return model.requires_grad_(False)  # load_model returns it in eval mode
 
 
 def judge_arch(cfg: Judge, params: Params, num_classes: int) -> dict[str, Any]:
