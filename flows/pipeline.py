@@ -146,7 +146,7 @@ def build_flows() -> tuple[Any, Any]:
 
     @flow(name="retrain_and_promote")
     def retrain_and_promote(pull: bool = False, update_imports: bool = False) -> dict[str, Any]:
-        from genpipe.tracking import tracking_uri
+        from genpipe.tracking.store import tracking_uri
 
         if pull:
             data_task.with_options(name="dvc-pull")("pull")

@@ -25,10 +25,12 @@ from typing import Any
 
 import yaml
 
-from genpipe import lineage, tracking
+from genpipe import lineage
 from genpipe.config import parse_params
 from genpipe.outputs import write_json
 from genpipe.prefect_server import local_server
+from genpipe.tracking.read import resolve_model, run_record
+from genpipe.tracking.store import flatten
 
 
 @dataclass
@@ -63,7 +65,7 @@ def walk(run_id: str) -> dict[str, dict[str, Any]]:
     runs: dict[str, dict[str, Any]] = {}
     todo = [run_id]
     while todo:
-        record = tracking.run_record(todo.pop())
+        record = run_record(todo.pop())
         stage = record["tags"].get("dvc.stage", record["run_id"])
         if stage in runs:
             continue
@@ -77,7 +79,7 @@ def _git(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _flat_params(meta: dict[str, Any]) -> dict[str, Any]:
-    return tracking.flatten(meta.get("params", {}))
+    return flatten(meta.get("params", {}))
 
 
 def check_lineage(report: Report, runs: dict[str, dict[str, Any]], root: Path) -> None:
@@ -100,7 +102,7 @@ def check_lineage(report: Report, runs: dict[str, dict[str, Any]], root: Path) -
             continue
         shown = _git(root, "show", f"{commit}:params.yaml")
         at_commit = (
-            tracking.flatten(
+            flatten(
                 {
                     s: getattr(parse_params(yaml.safe_load(shown.stdout)), s).model_dump()
                     for s in meta.get("params", {})
@@ -194,7 +196,7 @@ def _compare_metrics(report: Report, stage: str, rec: dict[str, Any], clone: Pat
     path = clone / "metrics" / f"{stage}.json"
     if not path.is_file():
         return
-    again = tracking.flatten(json.loads(path.read_text()))
+    again = flatten(json.loads(path.read_text()))
     logged = {k: v for k, v in rec["metrics"].items() if k in again}
     diffs = [
         f"{k}: {v} vs {again[k]}"
@@ -205,7 +207,7 @@ def _compare_metrics(report: Report, stage: str, rec: dict[str, Any], clone: Pat
 
 
 def audit(model: str, root: Path, rerun_target: str | None = "evaluate") -> Report:
-    name, version, run_id = tracking.resolve_model(model)
+    name, version, run_id = resolve_model(model)
     report = Report(name, version)
     runs = walk(run_id)  # the model's own run first
     report.commit = next(iter(runs.values()))["tags"].get("git.commit", "unknown")

@@ -79,11 +79,12 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Exit 0 only when the model reproduces; 1 when something differs; 2 when unauditable."""
-    from genpipe import audit, tracking
+    from genpipe import audit
+    from genpipe.tracking.write import log_report
 
     report = audit.audit(args.model, Path.cwd(), None if args.no_rerun else args.target)
     md, js = audit.write_reports(report, Path(args.out))
-    tracking.log_report(
+    log_report(
         "audit",
         [md, js],
         {"audit.model": f"{report.model}/{report.version}", "audit.verdict": report.verdict},

@@ -97,3 +97,17 @@ def read_meta(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     return json.loads(path.read_text())
+
+
+def output_digests(root: Path, outs: list[Path]) -> dict[str, str]:
+    """{relative file path: md5} of every output file except meta.json (it names the run):
+    what a stage run logs, and what an audit re-run must reproduce byte for byte."""
+    digests: dict[str, str] = {}
+    for out in outs:
+        path = root / out
+        if path.is_file():
+            digests[out.as_posix()] = file_md5(path)
+        elif path.is_dir():
+            for e in dir_entries(path, exclude=(META_FILE,)):
+                digests[f"{out.as_posix()}/{e['relpath']}"] = e["md5"]
+    return digests

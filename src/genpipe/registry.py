@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from genpipe.tracking import store
+
 MODEL_NAME = "genpipe-generator"
 CANDIDATE, CHAMPION = "candidate", "champion"
 
@@ -95,16 +97,9 @@ def decide(
     return Decision(better and guard_ok, reason, candidate, champion)
 
 
-def _client() -> Any:
-    from genpipe.tracking import _mlflow
-
-    return _mlflow().MlflowClient()
-
-
 def log_generator(tokenizer: Path, prior: Path, num_classes: int) -> str:
     """Log the pyfunc generator in the active run and register it; returns the new version."""
     import genpipe
-    from genpipe.tracking import model_requirements
 
     example = pd.DataFrame(
         {
@@ -118,7 +113,7 @@ def log_generator(tokenizer: Path, prior: Path, num_classes: int) -> str:
         artifacts={"tokenizer": str(tokenizer), "prior": str(prior)},
         code_paths=[str(Path(genpipe.__file__).parent)],
         input_example=example,
-        pip_requirements=model_requirements(),
+        pip_requirements=store.model_requirements(),
         registered_model_name=MODEL_NAME,
     )
     return str(info.registered_model_version)
@@ -126,7 +121,7 @@ def log_generator(tokenizer: Path, prior: Path, num_classes: int) -> str:
 
 def champion() -> tuple[str, Any] | None:
     """The current champion's version and its generator, loaded as serving loads it."""
-    client = _client()
+    client = store.client()
     try:
         mv = client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
     except Exception:  # noqa: BLE001 - no registered model or no alias yet
@@ -137,7 +132,7 @@ def champion() -> tuple[str, Any] | None:
 
 def set_aliases(version: str, promote: bool, tags: dict[str, Any]) -> None:
     """Tag the version, alias it `candidate`, and `champion` if promoted (always last)."""
-    client = _client()
+    client = store.client()
     for k, v in tags.items():
         client.set_model_version_tag(MODEL_NAME, version, k, str(v))
     client.set_registered_model_alias(MODEL_NAME, CANDIDATE, version)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from genpipe import evaluation, tracking, viz
+from genpipe import evaluation, viz
 from genpipe.config import Params
 from genpipe.data.prepared import PREPARED, load_split
 from genpipe.generator import Generator, load_generator
@@ -24,6 +24,7 @@ from genpipe.stages.judges import OUT as JUDGES
 from genpipe.stages.judges import load_judge
 from genpipe.stages.tokenizer import OUT as TOKENIZER
 from genpipe.stages.tokenizer import evaluate as tokenizer_metrics
+from genpipe.tracking import write as tracking
 
 PRIORS = {"base": Path("models/prior"), "finetuned": Path("models/finetune")}
 METRICS = Path("metrics/evaluate.json")

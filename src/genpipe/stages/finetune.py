@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from genpipe import evaluation, rl, tracking, viz
+from genpipe import evaluation, rl, viz
 from genpipe.config import Finetune, Params
 from genpipe.data.prepared import PREPARED, load_split
 from genpipe.generator import Generator, load_generator
@@ -40,6 +40,7 @@ from genpipe.stages import common, evaluate
 from genpipe.stages.judges import OUT as JUDGES
 from genpipe.stages.judges import ROLES, load_judge
 from genpipe.stages.tokenizer import OUT as TOKENIZER
+from genpipe.tracking import write as tracking
 from genpipe.training import Checkpoint, cpu_threads, param_groups, steps
 
 PRIOR = Path("models/prior")

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genpipe import tracking
 from genpipe.config import Judge, Params
 from genpipe.data.prepared import PREPARED, load_split
 from genpipe.evaluation import class_consistency
@@ -21,6 +20,7 @@ from genpipe.modelio import ModelFileError, load_model, save_model
 from genpipe.models.classifier import Classifier
 from genpipe.outputs import staged, write_json
 from genpipe.stages import common
+from genpipe.tracking import write as tracking
 from genpipe.training import autocast, batch_indices, make_optimizer, steps
 
 OUT = Path("models/judges")

@@ -8,12 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from genpipe import tracking, viz
+from genpipe import viz
 from genpipe.config import Params
 from genpipe.data.prepared import PREPARED, SPLITS, write_split
 from genpipe.data.raw import DataError, read_raw
 from genpipe.data.splits import stratified_split, to_tensor_images
 from genpipe.outputs import staged, write_json
+from genpipe.tracking import write as tracking
 
 RAW = Path("data/raw")
 METRICS = Path("metrics/prepare.json")

@@ -11,7 +11,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from genpipe import probes, tracking
+from genpipe import probes
 from genpipe.config import Params
 from genpipe.data.prepared import PREPARED, load_split
 from genpipe.modelio import save_model
@@ -19,6 +19,7 @@ from genpipe.models.autoencoder import Encoder
 from genpipe.models.ssl import MAE, SimCLR, encoder_features, simclr_augment
 from genpipe.outputs import staged, write_json
 from genpipe.stages import common
+from genpipe.tracking import write as tracking
 from genpipe.training import autocast, batch_indices, make_optimizer, steps
 
 OUT = Path("models/pretrain")

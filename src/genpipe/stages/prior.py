@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genpipe import tracking, viz
+from genpipe import viz
 from genpipe.config import Params
 from genpipe.data.raw import DataError
 from genpipe.evaluation import class_consistency
@@ -30,6 +30,7 @@ from genpipe.stages.judges import load_judge
 from genpipe.stages.tokenize import CODES, load_codes
 from genpipe.stages.tokenizer import OUT as TOKENIZER
 from genpipe.stages.tokenizer import load_tokenizer
+from genpipe.tracking import write as tracking
 from genpipe.training import EMA, autocast, batch_indices, make_optimizer, steps
 
 OUT = Path("models/prior")

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from genpipe import registry, tracking
+from genpipe import registry
 from genpipe.config import Params
 from genpipe.data.prepared import PREPARED, load_split
 from genpipe.generator import Generator
@@ -18,6 +18,7 @@ from genpipe.outputs import staged, write_json
 from genpipe.stages import common, evaluate
 from genpipe.stages.judges import load_judge
 from genpipe.stages.tokenizer import OUT as TOKENIZER
+from genpipe.tracking import write as tracking
 
 REPORT = Path("reports/register")
 LOWER_IS_BETTER = {"fid", "fid_ratio"}

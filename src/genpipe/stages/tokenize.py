@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from genpipe import tracking
 from genpipe.config import Params
 from genpipe.data.prepared import PREPARED, SPLITS, load_split
 from genpipe.data.raw import DataError
@@ -17,6 +16,7 @@ from genpipe.outputs import staged, write_json
 from genpipe.stages import common
 from genpipe.stages.tokenizer import OUT as TOKENIZER
 from genpipe.stages.tokenizer import load_tokenizer
+from genpipe.tracking import write as tracking
 
 CODES = Path("data/codes")
 METRICS = Path("metrics/tokenize.json")

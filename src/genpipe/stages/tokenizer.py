@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genpipe import tracking, viz
+from genpipe import viz
 from genpipe.config import Params
 from genpipe.data.prepared import PREPARED, load_split
 from genpipe.modelio import load_model, save_model
@@ -27,6 +27,7 @@ from genpipe.models.discriminator import (
 from genpipe.models.tokenizer import VQAutoencoder
 from genpipe.outputs import staged, write_json
 from genpipe.stages import common
+from genpipe.tracking import write as tracking
 from genpipe.training import EMA, autocast, batch_indices, make_optimizer, steps
 
 OUT = Path("models/tokenizer")

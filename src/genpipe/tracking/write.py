@@ -1,15 +1,8 @@
-"""The one module that talks to MLflow: stage runs, lineage tags, pictures and models.
-
-Default store: a SQLite file at the project root (absolute URI, so `dvc exp run --temp`
-in .dvc/tmp/exps still finds it) with artifacts beside it in `mlartifacts/`.
-`MLFLOW_TRACKING_URI` points everything at a server instead.
-"""
+"""The writing side of tracking: a stage's MLflow run, its lineage tags, pictures and models."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,56 +13,7 @@ import numpy as np
 from genpipe import lineage
 from genpipe.config import Params
 from genpipe.outputs import write_json
-
-EXPERIMENT = os.environ.get("GENPIPE_EXPERIMENT", "genpipe")
-MODEL_PACKAGES = ("torch", "numpy", "pandas")  # what loading a model imports
-
-
-def model_requirements() -> list[str]:
-    """Exact pins of the packages a logged genpipe model needs. Given explicitly, MLflow skips
-    inferring them, which loads the model again in a subprocess (seconds per logged model)."""
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name)}" for name in MODEL_PACKAGES]
-
-
-def project_root(start: Path | None = None) -> Path:
-    """The main project folder, also from inside a `dvc exp run --temp` copy."""
-    here = (start or Path.cwd()).resolve()
-    parts = here.parts
-    if ".dvc" in parts and "exps" in parts:
-        return Path(*parts[: parts.index(".dvc")])
-    return here
-
-
-def tracking_uri(root: Path | None = None) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / 'mlflow.db'}"
-
-
-def _mlflow() -> Any:
-    """Import MLflow configured for this project (imported lazily: it costs ~2 s)."""
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri())
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        artifacts = None
-        if tracking_uri().startswith("sqlite:"):
-            artifacts = (project_root() / "mlartifacts").as_uri()
-        mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
-    mlflow.set_experiment(EXPERIMENT)
-    return mlflow
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+from genpipe.tracking import store
 
 
 class StageRun:
@@ -82,7 +26,9 @@ class StageRun:
         self.meta = meta
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        clean = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, int | float)}
+        clean = {
+            k: float(v) for k, v in store.flatten(metrics).items() if isinstance(v, int | float)
+        }
         self.mlflow.log_metrics(clean, step=step)
 
     def log_history(self, rows: list[dict[str, float]], prefix: str = "train/") -> None:
@@ -132,7 +78,7 @@ class StageRun:
             name=name,
             signature=infer_signature(input_example),
             serialization_format="pickle",
-            pip_requirements=model_requirements(),
+            pip_requirements=store.model_requirements(),
         )
         return str(info.model_uri)
 
@@ -161,7 +107,7 @@ def stage_run(
     reproduce byte for byte. The run ends FAILED if the body raises.
     """
     root = root or Path.cwd()
-    mlflow = _mlflow()
+    mlflow = store.mlflow()
     git = lineage.git_info(root)
     dep_md5 = {str(d): lineage.dvc_md5(root / d) for d in deps if (root / d).exists()}
     upstream = {
@@ -195,68 +141,18 @@ def stage_run(
     with mlflow.start_run(run_name=stage, tags={k: str(v) for k, v in tags.items()}) as run:
         meta["run_id"] = run.info.run_id
         mlflow.log_params(
-            flatten({s: getattr(params, s).model_dump() for s in ("base", *sections)})
+            store.flatten({s: getattr(params, s).model_dump() for s in ("base", *sections)})
         )
         handle = StageRun(mlflow, run.info.run_id, stage, meta)
         yield handle
         mlflow.log_metric("wall_seconds", time.perf_counter() - start)
-        mlflow.log_dict(output_digests(root, outs or []), "lineage/outputs.json")
+        mlflow.log_dict(lineage.output_digests(root, outs or []), "lineage/outputs.json")
         mlflow.log_dict(meta, "lineage/meta.json")
-
-
-def output_digests(root: Path, outs: list[Path]) -> dict[str, str]:
-    """{relative file path: md5} of every output file except meta.json (it names the run)."""
-    digests: dict[str, str] = {}
-    for out in outs:
-        path = root / out
-        if path.is_file():
-            digests[out.as_posix()] = lineage.file_md5(path)
-        elif path.is_dir():
-            for e in lineage.dir_entries(path, exclude=(lineage.META_FILE,)):
-                digests[f"{out.as_posix()}/{e['relpath']}"] = e["md5"]
-    return digests
-
-
-# -- reading lineage back (audit, registry) ----------------------------------------------------
-
-
-def run_record(run_id: str) -> dict[str, Any]:
-    """A stage run's tags, params and its logged lineage files (meta and output digests)."""
-    mlflow = _mlflow()
-    client = mlflow.MlflowClient()
-    run = client.get_run(run_id)
-    record: dict[str, Any] = {
-        "run_id": run_id,
-        "status": run.info.status,
-        "tags": dict(run.data.tags),
-        "params": dict(run.data.params),
-        "metrics": dict(run.data.metrics),
-    }
-    for name in ("meta", "outputs"):
-        try:
-            record[name] = mlflow.artifacts.load_dict(f"runs:/{run_id}/lineage/{name}.json")
-        except Exception:  # noqa: BLE001 - missing artifact is reported by the caller
-            record[name] = None
-    return record
-
-
-def resolve_model(spec: str) -> tuple[str, str, str]:
-    """`NAME@ALIAS` or `NAME/VERSION` -> (name, version, run_id of the run that logged it)."""
-    client = _mlflow().MlflowClient()
-    if "@" in spec:
-        name, alias = spec.split("@", 1)
-        mv = client.get_model_version_by_alias(name, alias)
-    elif "/" in spec:
-        name, version = spec.rsplit("/", 1)
-        mv = client.get_model_version(name, version)
-    else:
-        raise ValueError(f"model {spec!r}: expected NAME@ALIAS or NAME/VERSION")
-    return mv.name, mv.version, mv.run_id
 
 
 def log_report(stage: str, files: list[Path], tags: dict[str, Any]) -> str:
     """A small run holding report files (e.g. an audit), tagged to what it reports on."""
-    mlflow = _mlflow()
+    mlflow = store.mlflow()
     with mlflow.start_run(run_name=stage, tags={k: str(v) for k, v in tags.items()}) as run:
         for f in files:
             mlflow.log_artifact(str(f), artifact_path=stage)
