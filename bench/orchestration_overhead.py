@@ -3,8 +3,8 @@
 Runs the `prepare` stage (the lightest, so overhead dominates) four ways, in this repo:
   1. the stage function in-process (work + MLflow logging, imports already paid),
   2. `genpipe stage prepare`            (a fresh process: imports + MLflow, no Prefect),
-  3. `python -m flows.prepare`          (Prefect flow, temporary server per process),
-  4. `python -m flows.prepare` with a running server (PREFECT_API_URL), as `make repro` does.
+  3. `python -m flows.stage prepare` (Prefect flow, temporary server per process),
+  4. `python -m flows.stage prepare` with a running server (PREFECT_API_URL), as `make repro` does.
 Needs data/raw (`genpipe data ensure`). Prints wall seconds and the overhead of each.
 """
 
@@ -37,9 +37,11 @@ def main() -> None:
     prepare.run(params)
     work = time.perf_counter() - start
     bare = timed([sys.executable, "-m", "genpipe.cli", "stage", "prepare"], env)
-    ephemeral = timed([sys.executable, "-m", "flows.prepare"], env)
+    ephemeral = timed([sys.executable, "-m", "flows.stage", "prepare"], env)
     with local_server() as url:
-        served = timed([sys.executable, "-m", "flows.prepare"], {**env, "PREFECT_API_URL": url})
+        served = timed(
+            [sys.executable, "-m", "flows.stage", "prepare"], {**env, "PREFECT_API_URL": url}
+        )
     rows = [
         ("stage function in-process", work),
         ("genpipe stage (new process, no Prefect)", bare),

@@ -17,10 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from genpipe import artifacts
+from genpipe.artifacts.encoder import load_ssl_encoder
 from genpipe.config import Params, load_params
 from genpipe.data.prepared import load_split
+from genpipe.evaluation import reconstruction
 from genpipe.models.tokenizer import VQAutoencoder
-from genpipe.stages import common, tokenizer
+from genpipe.stages import tokenizer
 
 
 def curve(
@@ -29,10 +32,10 @@ def curve(
     """[(step, val PSNR)], final {split: PSNR}, seconds of training (evaluation excluded)."""
     cfg = params.tokenizer.model_copy(update={"init_from_ssl": ssl})
     params = params.model_copy(update={"tokenizer": cfg})
-    train_x, _ = load_split("train", root / tokenizer.PREPARED)
-    val_x, _ = load_split("val", root / tokenizer.PREPARED)
-    test_x, _ = load_split("test", root / tokenizer.PREPARED)
-    encoder = tokenizer.load_ssl_encoder(params, root) if ssl else None
+    train_x, _ = load_split("train", root / artifacts.PREPARED)
+    val_x, _ = load_split("val", root / artifacts.PREPARED)
+    test_x, _ = load_split("test", root / artifacts.PREPARED)
+    encoder = load_ssl_encoder(params, root) if ssl else None
     points: list[tuple[int, float]] = []
     eval_seconds = 0.0
 
@@ -40,17 +43,17 @@ def curve(
         nonlocal eval_seconds
         if (step + 1) % every == 0:
             t = time.perf_counter()
-            points.append((step + 1, tokenizer.evaluate(model, val_x, ctx.device)["psnr"]))
+            points.append((step + 1, reconstruction(model, val_x, ctx.device)["psnr"]))
             model.train()
             eval_seconds += time.perf_counter() - t
 
     with tempfile.TemporaryDirectory() as scratch:  # no checkpoints left in ROOT
-        ctx = common.start("tokenizer", params, ("tokenizer",), [], Path(scratch), 0)
+        ctx = tokenizer.SPEC.start(params, Path(scratch), deps=())
         start = time.perf_counter()
         model, _ = tokenizer.train(params, train_x, ctx, encoder, on_step=measure)
         seconds = time.perf_counter() - start - eval_seconds
     final = {
-        s: tokenizer.evaluate(model, x, ctx.device)["psnr"]
+        s: reconstruction(model, x, ctx.device)["psnr"]
         for s, x in (("val", val_x), ("test", test_x))
     }
     return points, final, seconds
@@ -67,8 +70,8 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=10, help="steps between measurements")
     args = ap.parse_args()
     params = load_params(args.root / "params.yaml")
-    if not (args.root / tokenizer.SSL_ENCODER).exists():
-        sys.exit(f"{args.root / tokenizer.SSL_ENCODER} is missing: run `dvc repro pretrain` first")
+    if not (args.root / artifacts.SSL_ENCODER).exists():
+        sys.exit(f"{args.root / artifacts.SSL_ENCODER} is missing: run `dvc repro pretrain` first")
     steps = params.tokenizer.optim.steps
     print(f"tokenizer, {steps} steps, val PSNR every {args.every} steps, bar {args.bar} dB")
     print(f"{'init':<8} {'steps to bar':>12} {'val dB':>7} {'test dB':>7} {'train s':>7}")

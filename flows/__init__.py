@@ -1,4 +1,5 @@
-"""Prefect flows: one per pipeline stage (run by dvc.yaml) plus the pipeline flow."""
+"""Prefect flows: `stage` (one pipeline stage, run by dvc.yaml), `pipeline` (the DAG and the
+nightly retrain-and-promote) and `deploy` (serving that schedule)."""
 
 import os
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from flows.stage import is_transient
+from flows.stage import is_transient, retry_transient
 from genpipe.prefect_server import local_server
 
 DECISION = Path("reports/register/decision.json")
@@ -84,16 +84,6 @@ def repro_stage(name: str) -> dict[str, Any]:
     return {"stage": name, "outcome": outcome, "seconds": round(time.perf_counter() - start, 1)}
 
 
-def _retry_transient(_task: Any, _run: Any, state: Any) -> bool:
-    try:
-        state.result()
-    except StageFailed as exc:
-        return exc.transient
-    except Exception as exc:  # noqa: BLE001 - classify anything else the same way
-        return is_transient(exc)
-    return False
-
-
 def summary_markdown(
     results: list[dict[str, Any]],
     decision: dict[str, Any] | None,
@@ -135,7 +125,7 @@ def build_flows() -> tuple[Any, Any]:
     retry = {
         "retries": len(RETRY_DELAYS),
         "retry_delay_seconds": RETRY_DELAYS,
-        "retry_condition_fn": _retry_transient,
+        "retry_condition_fn": retry_transient,
     }
     stage_task = task(repro_stage, name="dvc-repro-stage", **retry)
     data_task = task(lambda *args: run_dvc(*args), name="dvc-data-update", **retry)

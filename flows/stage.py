@@ -1,53 +1,59 @@
-"""Build the thin Prefect flow that wraps one stage function.
+"""`python -m flows.stage <name> [params.yaml]`: one pipeline stage as a thin Prefect flow.
 
-Params are validated before Prefect starts, so a bad params.yaml fails in a second with the
-key named, not after the orchestrator spins up. Transient failures (a tracking server or
-remote that is briefly unreachable) are retried with backoff; bad input is not.
+dvc.yaml runs every stage this way. Params are validated before Prefect starts, so a bad
+params.yaml fails in a second with the key named, not after the orchestrator spins up.
+Transient failures (a tracking server or remote that is briefly unreachable) are retried
+with backoff; bad input is not. `retry_transient` is the one retry rule of every flow.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Callable
 from typing import Any
 
-from genpipe.config import Params, ParamsError, load_params
+from genpipe.config import ParamsError, load_params
 from genpipe.data.raw import DataError
+from genpipe.stages import STAGES, load, run_stage
 
 TRANSIENT = (ConnectionError, TimeoutError)
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Retry only what a second try can fix; MLflow wraps connection errors in its own type."""
+    """Retry only what a second try can fix; MLflow wraps connection errors in its own type.
+    An exception that knows (a `transient` attribute, e.g. a failed `dvc repro`) says so."""
+    if isinstance(flag := getattr(exc, "transient", None), bool):
+        return flag
     if isinstance(exc, TRANSIENT):
         return True
     text = f"{type(exc).__name__}: {exc}"
     return any(s in text for s in ("Max retries exceeded", "Connection refused", "timed out"))
 
 
-def stage_flow(name: str, run: Callable[[Params], Any]) -> Callable[..., Any]:
-    from prefect import flow, task
+def retry_transient(_task: Any, _run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry a task whose exception is transient."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - we only classify it
+        return is_transient(exc)
+    return False
 
-    def retry_on_transient(_task: Any, _run: Any, state: Any) -> bool:
-        try:
-            state.result()
-        except Exception as exc:  # noqa: BLE001 - we only classify it
-            return is_transient(exc)
-        return False
+
+def stage_flow(name: str) -> Any:
+    from prefect import flow, task
 
     @task(
         name=name,
         retries=3,
         retry_delay_seconds=[2, 8, 30],
-        retry_condition_fn=retry_on_transient,
+        retry_condition_fn=retry_transient,
     )
-    def stage_task(params: Params) -> Any:
-        return run(params)
+    def stage_task(params_path: str) -> Any:
+        return run_stage(name, load_params(params_path))
 
-    @flow(name=name, description=(run.__module__ and sys.modules[run.__module__].__doc__) or "")
+    @flow(name=name, description=load(name).__doc__ or "")
     def stage(params_path: str = "params.yaml") -> Any:
-        return stage_task(load_params(params_path))
+        return stage_task(params_path)
 
     return stage
 
@@ -56,16 +62,22 @@ def _terminate(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
-def main(name: str, run: Callable[[Params], Any], argv: list[str] | None = None) -> None:
-    """Entry point of `python -m flows.<stage>`: validate, then run the flow."""
+def main(argv: list[str] | None = None) -> None:
+    """Validate, then run the stage's flow."""
     # DVC and Prefect stop a stage with SIGTERM; make it unwind like Ctrl-C so staged
     # outputs are cleaned up and the MLflow run is marked failed.
     signal.signal(signal.SIGTERM, _terminate)
     args = sys.argv[1:] if argv is None else argv
-    params_path = args[0] if args else "params.yaml"
+    if not args or args[0] not in STAGES:
+        raise SystemExit(f"usage: python -m flows.stage {{{','.join(STAGES)}}} [params.yaml]")
+    name, params_path = args[0], (args[1] if len(args) > 1 else "params.yaml")
     try:
         load_params(params_path)
-        stage_flow(name, run)(params_path)
+        stage_flow(name)(params_path)
     except (ParamsError, DataError, ValueError) as exc:
         print(f"genpipe {name}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

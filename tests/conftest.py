@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Test-sized tensors: extra intra-op threads only add overhead (and spin on a busy box)."""
-    from genpipe.training import cpu_threads
+    from genpipe.runtime import cpu_threads
 
     with cpu_threads(torch.device("cpu")):
         yield

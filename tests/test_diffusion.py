@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from genpipe.models import diffusion
-from genpipe.models.diffusion import (
+from genpipe.models.priors import diffusion
+from genpipe.models.priors.diffusion import (
     DDPM,
     EDM,
     FORMULATIONS,

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from genpipe import rl
-from genpipe.config import BUILTIN_REWARDS, Finetune, ParamsError, parse_params
+from genpipe.checkpoint import Checkpoint
+from genpipe.config import Finetune, ParamsError, parse_params
 from genpipe.generator import Generator
-from genpipe.models import diffusion
+from genpipe.models.priors import diffusion
+from genpipe.models.priors.ar import ARPrior
 from genpipe.models.tokenizer import VQAutoencoder
-from genpipe.models.transformer import ARPrior
 from genpipe.rewards import (
     BUILTINS,
     RewardContext,
@@ -23,7 +24,6 @@ from genpipe.rewards import (
     compressibility,
 )
 from genpipe.stages import finetune
-from genpipe.training import Checkpoint
 
 CLASSES = 3
 
@@ -147,8 +147,12 @@ def test_ddim_trajectory_steps_are_scored_by_their_gaussian():
 # ---------------------------------------------------------------- rewards
 
 
-def test_builtin_reward_names_match_config():
-    assert set(BUILTINS) == set(BUILTIN_REWARDS)
+def test_config_takes_reward_names_from_rewards_builtins(monkeypatch):
+    monkeypatch.setitem(BUILTINS, "sharpness", lambda ctx: compressibility)
+    assert Finetune(rewards={"sharpness": 1.0}).rewards == {"sharpness": 1.0}
+    monkeypatch.delitem(BUILTINS, "compressibility")
+    with pytest.raises(ValueError, match="unknown reward; allowed: class_confidence, sharpness"):
+        Finetune(rewards={"compressibility": 1.0})
 
 
 def test_class_confidence_is_log_prob_of_the_requested_class():

@@ -11,11 +11,13 @@ import pytest
 import torch
 import yaml
 
+from genpipe.artifacts.tokenizer import build_tokenizer, load_tokenizer
 from genpipe.config import parse_params
+from genpipe.data.prepared import load_split
 from genpipe.data.raw import write_raw
 from genpipe.data.sources import load_source
 from genpipe.modelio import ModelFileError, save_model
-from genpipe.stages import common, prepare, tokenizer
+from genpipe.stages import prepare, tokenizer
 
 TINY = {
     "tokenizer": {
@@ -43,10 +45,8 @@ def _weights(model) -> bytes:
 
 
 def _train(params, root, on_step=None):
-    x, _ = tokenizer.load_split("train", root / "data/prepared")
-    ctx = common.start(
-        "tokenizer", params, ("prepare", "tokenizer"), [Path("data/prepared")], root, 4
-    )
+    x, _ = load_split("train", root / "data/prepared")
+    ctx = tokenizer.SPEC.start(params, root, 4, deps=(Path("data/prepared"),))
     return tokenizer.train(params, x, ctx, on_step=on_step), ctx
 
 
@@ -76,27 +76,23 @@ def test_checkpoint_for_other_params_is_not_resumed(prepared):
             on_step=lambda s, m: (_ for _ in ()).throw(KeyboardInterrupt) if s == 5 else None,
         )
     other = parse_params({**TINY, "base": {"seed": 3}})
-    ctx = common.start(
-        "tokenizer", other, ("prepare", "tokenizer"), [Path("data/prepared")], prepared, 4
-    )
+    ctx = tokenizer.SPEC.start(other, prepared, 4, deps=(Path("data/prepared"),))
     assert ctx.checkpoint.load() is None
-    ctx_same = common.start(
-        "tokenizer", params, ("prepare", "tokenizer"), [Path("data/prepared")], prepared, 4
-    )
+    ctx_same = tokenizer.SPEC.start(params, prepared, 4, deps=(Path("data/prepared"),))
     assert ctx_same.checkpoint.load()["step"] == 4
     ctx_same.checkpoint.clear()
 
 
 def test_model_file_for_another_architecture_is_refused(tmp_path):
     params = parse_params(TINY)
-    model = tokenizer.build(params)
+    model = build_tokenizer(params)
     save_model(tmp_path / "model.pt", "tokenizer", params.tokenizer.arch(1), model)
     other = parse_params({"tokenizer": {**TINY["tokenizer"], "codebook_size": 32}})
     with pytest.raises(ModelFileError, match="codebook_size"):
-        tokenizer.load_tokenizer(tmp_path / "model.pt", other)
+        load_tokenizer(tmp_path / "model.pt", other)
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ModelFileError, match="unreadable"):
-        tokenizer.load_tokenizer(tmp_path / "junk.pt", params)
+        load_tokenizer(tmp_path / "junk.pt", params)
 
 
 @pytest.mark.slow

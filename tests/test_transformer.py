@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genpipe.models.transformer import (
+from genpipe.models.priors.ar import (
     ARPrior,
     KVCache,
     apply_rope,

@@ -102,12 +102,7 @@ def check_lineage(report: Report, runs: dict[str, dict[str, Any]], root: Path) -
             continue
         shown = _git(root, "show", f"{commit}:params.yaml")
         at_commit = (
-            flatten(
-                {
-                    s: getattr(parse_params(yaml.safe_load(shown.stdout)), s).model_dump()
-                    for s in meta.get("params", {})
-                }
-            )
+            flatten(parse_params(yaml.safe_load(shown.stdout)).pick(*meta.get("params", {})))
             if shown.returncode == 0
             else {}
         )

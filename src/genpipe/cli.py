@@ -1,25 +1,15 @@
-"""`genpipe` command line: data export, stage runs without Prefect, audits, scheduling."""
+"""`genpipe` command line: data export, stage runs without Prefect, dvc.yaml from the stage
+specs, audits."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
 from genpipe.config import ParamsError, load_params
 from genpipe.data.raw import DataError
-
-
-def stage_names() -> list[str]:
-    """Every module in genpipe.stages with a `run(params)` (not the shared helpers)."""
-    import pkgutil
-
-    import genpipe.stages
-
-    return sorted(
-        m.name for m in pkgutil.iter_modules(genpipe.stages.__path__) if m.name != "common"
-    )
+from genpipe.stages import STAGES
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
@@ -71,9 +61,24 @@ def cmd_data_ensure(args: argparse.Namespace) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     """Run one stage in-process, without Prefect (debugging, profiling)."""
-    params = load_params(args.params)
-    module = importlib.import_module(f"genpipe.stages.{args.name}")
-    module.run(params)
+    from genpipe.stages import run_stage
+
+    run_stage(args.name, load_params(args.params))
+    return 0
+
+
+def cmd_dvc_yaml(args: argparse.Namespace) -> int:
+    """Write dvc.yaml from the stage specs; --check exits 1 when it is out of date."""
+    from genpipe import dvcyaml
+
+    path = Path(args.path)
+    if dvcyaml.write(path, check=args.check):
+        print(f"{path} is up to date with the stage specs")
+        return 0
+    if args.check:
+        print(f"{path} differs from the stage specs: run `genpipe dvc-yaml`", file=sys.stderr)
+        return 1
+    print(f"wrote {path} from the stage specs")
     return 0
 
 
@@ -113,9 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     ensure.set_defaults(func=cmd_data_ensure)
 
     stage = sub.add_parser("stage", help="run one stage without Prefect")
-    stage.add_argument("name", choices=stage_names())
+    stage.add_argument("name", choices=STAGES)
     stage.add_argument("--params", default="params.yaml")
     stage.set_defaults(func=cmd_stage)
+    dvc_yaml = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage specs")
+    dvc_yaml.add_argument("--check", action="store_true", help="exit 1 if it is out of date")
+    dvc_yaml.add_argument("--path", default="dvc.yaml")
+    dvc_yaml.set_defaults(func=cmd_dvc_yaml)
+
     aud = sub.add_parser("audit", help="prove a registered model reproduces from its lineage")
     aud.add_argument(
         "--model", default="genpipe-generator@champion", help="NAME@ALIAS or NAME/VERSION"

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PARAMS_FILE = "params.yaml"
 
@@ -106,10 +113,6 @@ class Tokenizer(Section):
     def downsample(self) -> int:
         return 2 ** (len(self.channels) - 1)
 
-    @property
-    def num_codes(self) -> int:
-        return self.codebook_size if self.quantizer == "vq" else math.prod(self.fsq_levels)
-
     def arch(self, in_channels: int) -> dict[str, Any]:
         """Constructor arguments of `VQAutoencoder`, as recorded in its model file."""
         common = {
@@ -171,7 +174,10 @@ class Judges(Section):
 
 
 class Prior(Section):
-    kind: Literal["ar", "diffusion"] = "ar"
+    """The prior over codes. `kind` names a file of models/priors (ar, diffusion, ...); a kind
+    reads the knobs below that apply to it (a new kind with knobs of its own adds them here)."""
+
+    kind: str = Field("ar", description="a prior kind of genpipe.models.priors.PRIOR_KINDS")
     dim: int = Field(128, ge=8)
     depth: int = Field(4, ge=1)
     heads: int = Field(4, ge=1)
@@ -191,6 +197,14 @@ class Prior(Section):
     compile: bool = Field(False, description="torch.compile on CUDA")
     optim: Optim = Optim()
 
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, kind: str) -> str:
+        from genpipe.models.priors import prior_kind  # torch: only once params are parsed
+
+        prior_kind(kind)
+        return kind
+
     @model_validator(mode="after")
     def _heads(self) -> Prior:
         if self.dim % self.heads:
@@ -200,9 +214,6 @@ class Prior(Section):
                 f"eta: only the ddim sampler takes eta > 0 (sampler is {self.sampler})"
             )
         return self
-
-
-BUILTIN_REWARDS = ("class_confidence", "compressibility")  # genpipe.rewards.BUILTINS
 
 
 class Finetune(Section):
@@ -245,8 +256,10 @@ class Finetune(Section):
 
     @model_validator(mode="after")
     def _rewards(self) -> Finetune:
+        from genpipe.rewards import BUILTINS  # torch: only once params are parsed
+
         for name, spec in self.reward_entry_points.items():
-            if name in BUILTIN_REWARDS:
+            if name in BUILTINS:
                 raise ValueError(
                     f"reward_entry_points.{name}: shadows the built-in reward; pick another name"
                 )
@@ -254,9 +267,9 @@ class Finetune(Section):
                 raise ValueError(
                     f"reward_entry_points.{name}: expected 'module:function', got {spec!r}"
                 )
-        allowed = ", ".join(sorted({*BUILTIN_REWARDS, *self.reward_entry_points}))
+        allowed = ", ".join(sorted({*BUILTINS, *self.reward_entry_points}))
         for name, weight in self.rewards.items():
-            if name not in BUILTIN_REWARDS and name not in self.reward_entry_points:
+            if name not in BUILTINS and name not in self.reward_entry_points:
                 raise ValueError(
                     f"rewards.{name}: unknown reward; allowed: {allowed} "
                     "(add your own under finetune.reward_entry_points)"
@@ -285,7 +298,7 @@ class Params(Section):
     judges: Judges = Judges()
     tokenizer: Tokenizer = Tokenizer()
     prior: Prior = Prior()
-    finetune: Finetune = Finetune()
+    finetune: Finetune = Field(default_factory=Finetune)  # built on parse: imports rewards
     evaluate: Evaluate = Evaluate()
     register: Register = Register()
 
@@ -299,13 +312,20 @@ class Params(Section):
             )
         return self
 
-    def section(self, name: str) -> dict[str, Any]:
-        """Plain dict of one section (plus `base`), as logged to MLflow and hashed for lineage."""
-        return {"base": self.base.model_dump(), name: getattr(self, name).model_dump()}
+    def pick(self, *keys: str) -> dict[str, Any]:
+        """{key: plain value} of sections (`prior`) or dotted keys (`tokenizer.channels`), as a
+        stage declares what it reads: logged to MLflow and hashed for lineage."""
+        out: dict[str, Any] = {}
+        for key in keys:
+            value: Any = self
+            for part in key.split("."):
+                value = getattr(value, part)
+            out[key] = value.model_dump() if isinstance(value, BaseModel) else value
+        return out
 
-    def digest(self, *sections: str) -> str:
-        """Stable hash of the named sections, so a run records exactly which params made it."""
-        payload = {s: getattr(self, s).model_dump() for s in sorted({"base", *sections})}
+    def digest(self, *keys: str) -> str:
+        """Stable hash of `base` and the named keys, so a run records which params made it."""
+        payload = self.pick(*sorted({"base", *keys}))
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

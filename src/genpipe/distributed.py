@@ -49,10 +49,6 @@ class World:
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    def barrier(self) -> None:
-        if self.size > 1:
-            dist.barrier()
-
 
 def init() -> World:
     """Join the process group torchrun describes in the environment; one process otherwise."""

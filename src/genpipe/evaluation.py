@@ -1,4 +1,5 @@
-"""Sample-quality measures, computed in the evaluator judge's feature space.
+"""Sample-quality measures, computed in the evaluator judge's feature space, and the one way
+a generator is sampled and scored (evaluate, register and finetune all use `generate`).
 
 FID uses torchmetrics' implementation with the evaluator as a custom feature extractor;
 precision/recall follow the k-NN manifold estimate (Kynkaanniemi et al. 2019).
@@ -7,9 +8,16 @@ precision/recall follow the k-NN manifold estimate (Kynkaanniemi et al. 2019).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from genpipe.generator import Generator
+    from genpipe.models.tokenizer import VQAutoencoder
 
 
 class FeatureExtractor(nn.Module):
@@ -82,3 +90,81 @@ def code_entropy(codes: torch.Tensor, codebook_size: int) -> float:
     counts = torch.bincount(codes.flatten(), minlength=codebook_size).double()
     p = counts[counts > 0] / counts.sum()
     return float(-(p * p.log()).sum() / math.log(2))
+
+
+@torch.no_grad()
+def batched(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 512
+) -> torch.Tensor:
+    """Apply `fn` over `x` in chunks (inference over a whole split)."""
+    return torch.cat([fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def reconstruction(model: VQAutoencoder, x: torch.Tensor, device: torch.device) -> dict[str, float]:
+    """A tokenizer on a split: MSE/PSNR of the reconstructions, usage and perplexity of the
+    codes."""
+    model = model.to(device).eval()
+    codes = batched(lambda b: model.encode_codes(b.to(device)).cpu(), x)
+    recon = batched(lambda c: model.decode_codes(c.to(device)).cpu(), codes)
+    mse = float(F.mse_loss(recon.float(), x))
+    counts = torch.bincount(codes.flatten(), minlength=model.codebook_size).double()
+    probs = counts / counts.sum()
+    entropy = float(-(probs[probs > 0] * probs[probs > 0].log()).sum())
+    return {
+        "mse": mse,
+        "psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
+        "codebook_usage": float((counts > 0).double().mean()),
+        "perplexity": math.exp(entropy),
+    }
+
+
+def generate(
+    gen: Generator, per_class: int, num_classes: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class-ordered samples on the CPU: images, their requested labels and their codes."""
+    device = next(gen.parameters()).device
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    codes = gen.sample_codes(labels.to(device), torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        images = gen.tokenizer.decode_codes(codes)
+    return images.cpu(), labels, codes.cpu()
+
+
+def floor_sample(
+    train_x: torch.Tensor, train_y: torch.Tensor, per_class: int, seed: int
+) -> torch.Tensor:
+    """As many real train images per class as generated, for the FID floor."""
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in torch.unique(train_y):
+        idx = torch.nonzero(train_y == c).flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    return train_x[torch.cat(picks)]
+
+
+def score(
+    gen: Generator,
+    evaluator: nn.Module,
+    test_x: torch.Tensor,
+    floor_x: torch.Tensor,
+    per_class: int,
+    num_classes: int,
+    seed: int,
+    knn_k: int,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """All sample metrics of one generator, and its samples."""
+    images, labels, codes = generate(gen, per_class, num_classes, seed)
+    extractor = FeatureExtractor(evaluator)
+    fid_value = fid(extractor, test_x, images)
+    floor = fid(extractor, test_x, floor_x)
+    fake_f, real_f = features(extractor, images), features(extractor, test_x)
+    return {
+        "fid": fid_value,
+        "fid_floor": floor,
+        "fid_ratio": fid_value / max(floor, 1e-9),
+        **precision_recall(real_f, fake_f, knn_k),
+        "class_consistency": class_consistency(evaluator, images, labels),
+        "diversity": mean_pairwise_distance(fake_f),
+        "code_entropy_bits": code_entropy(codes, gen.tokenizer.codebook_size),
+    }, images

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from genpipe.training import atomic_torch_save
+from genpipe.checkpoint import atomic_torch_save
 
 
 class ModelFileError(ValueError):

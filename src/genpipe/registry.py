@@ -26,8 +26,8 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     """Rebuilds the generator from its two model files (artifacts `tokenizer` and `prior`)."""
 
     def load_context(self, context: Any) -> None:
-        from genpipe.generator import load_generator
-        from genpipe.training import deterministic_kernels
+        from genpipe.artifacts.generator import load_generator
+        from genpipe.runtime import deterministic_kernels
 
         deterministic_kernels()
         self.generator = load_generator(

@@ -84,7 +84,7 @@ def compressibility(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -sizes / images[0].numel()
 
 
-# name -> factory; the names are also listed in config.BUILTIN_REWARDS (params validation)
+# name -> factory: the one list of built-in rewards (config validates params against it)
 BUILTINS: dict[str, Callable[[RewardContext], RewardFn]] = {
     "class_confidence": class_confidence,
     "compressibility": lambda ctx: compressibility,

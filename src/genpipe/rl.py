@@ -3,12 +3,17 @@
 A batch is `prompts * group_size` samples laid out group by group: rows g*G .. (g+1)*G - 1
 answer the same prompt. Log-probabilities are (B,) for a whole sample (autoregressive codes)
 or (B, S) for S scored steps of a sample (diffusion transitions); advantages are per sample
-and broadcast over steps.
+and broadcast over steps. A `Policy` (one per prior kind, models/priors) turns a prior into
+`Rollout`s these functions score.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Protocol
+
 import torch
+from torch import nn
 
 ADV_EPS = 1e-4
 # Log-ratios are clamped here before exp: far past any clip range, yet a diffusion step's
@@ -63,3 +68,34 @@ def group_diversity(images: torch.Tensor, group_size: int) -> float:
     towards 0 when RL collapses a prompt onto one image (mode collapse)."""
     groups = images.detach().float().flatten(1).view(-1, group_size, images[0].numel())
     return float(torch.stack([torch.pdist(g).mean() for g in groups]).mean())
+
+
+@dataclass
+class Rollout:
+    """One batch of samples from a policy, with what is needed to rescore it.
+
+    old_logp / ref_logp: (B, S) log-probabilities of S scored steps under the sampling weights
+    and the frozen prior; `total_steps` stochastic steps make one sample (S of them scored);
+    `replay` is whatever the policy needs to score the same actions again.
+    """
+
+    labels: torch.Tensor
+    images: torch.Tensor
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    replay: Any
+    total_steps: int
+
+    def kl_per_sample(self) -> torch.Tensor:
+        """k3 estimate of KL(policy || prior) over a sample's whole generation, (B,)."""
+        return kl_k3(self.old_logp, self.ref_logp).mean(dim=1) * self.total_steps
+
+
+class Policy(Protocol):
+    """A prior as an RL policy; each prior kind provides one (models/priors)."""
+
+    net: nn.Module
+
+    def rollout(self, labels: torch.Tensor, generator: torch.Generator) -> Rollout: ...
+
+    def log_prob(self, rollout: Rollout) -> torch.Tensor: ...

@@ -1,75 +1,25 @@
-"""Training plumbing shared by every stage: determinism, devices, optimisers, schedules,
-EMA weights, resumable checkpoints and progress. Models never import this; stages do."""
+"""The one training loop (`fit`): optimiser and schedule, EMA weights, resume from and save to
+a checkpoint (genpipe.checkpoint: weights, optimiser and every RNG), history and progress.
+Every stage that trains uses `fit`; RL fine-tuning keeps its own loop but the same
+checkpoints, optimiser parameter groups and progress. Models never import this; stages do."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import os
-import random
 import sys
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from genpipe.checkpoint import Checkpoint
+from genpipe.runtime import autocast
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed every RNG and make kernels deterministic; returns a generator for the stage's draws."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    deterministic_kernels()
-    return torch.Generator().manual_seed(seed)
-
-
-def deterministic_kernels() -> None:
-    """Deterministic kernels (warn where none exists). The public switch also imports Inductor
-    to set its deterministic mode, ~3.5 s at every stage start; only torch.compile, which
-    genpipe uses on CUDA alone, reads that mode, so CPU-only machines set the kernel flag alone."""
-    if torch.cuda.is_available():
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    else:
-        torch._C._set_deterministic_algorithms(True, warn_only=True)
-
-
-@contextlib.contextmanager
-def cpu_threads(device: torch.device, n: int = 1) -> Iterator[None]:
-    """`n` intra-op threads on CPU for a stretch of many small ops (RL batches of tens of
-    samples, test-sized models): too small to split, and on a shared CPU OpenMP threads that
-    wait on each other made such steps 10-20x slower than one thread (measured on 2 busy
-    cores)."""
-    before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def pick_device(requested: str) -> torch.device:
-    """`auto` takes CUDA when present; `cuda` without a GPU is an error, not a silent fallback."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "base.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'"
-        )
-    return torch.device(requested)
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA; full precision on CPU so results are bit-reproducible there."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+if TYPE_CHECKING:
+    from genpipe.config import Optim
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -133,23 +83,6 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     return perm[k * batch_size : (k + 1) * batch_size]
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary sibling and rename, so an interrupt never leaves a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "generator": generator.get_state()}
-
-
-def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-
-
 def progress(total: int, desc: str, initial: int = 0) -> tqdm:
     """A progress bar on stderr; quiet when stderr is not a terminal, except for a few updates."""
     return tqdm(
@@ -174,33 +107,71 @@ def steps(start: int, total: int, desc: str) -> Iterator[int]:
         bar.close()
 
 
-class Checkpoint:
-    """Resumable training state under checkpoints/<stage>/last.pt.
+History = list[dict[str, float]]
+LOG_EVERY = 25  # steps between rows of the loss curve
 
-    A checkpoint is only resumed when its fingerprint (params hash + input digests) matches the
-    current run, so a changed param or dataset starts fresh instead of silently continuing.
-    Removed once the stage has written its outputs.
+
+def fit(
+    model: nn.Module,
+    cfg: Optim,
+    loss_fn: Callable[[int], tuple[torch.Tensor, dict[str, Any]]],
+    checkpoint: Checkpoint,
+    desc: str,
+    generators: Sequence[torch.Generator] = (),
+    parts: dict[str, Any] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    log_lr: bool = False,
+    compile: bool = False,
+    on_step: Callable[[int, nn.Module], None] | None = None,
+) -> tuple[nn.Module, History]:
+    """Train `model` for cfg.steps steps, from scratch or from `checkpoint`.
+
+    `loss_fn(step)` returns the step's loss and named values for the curve (tensors are read
+    only on logged steps). AdamW with decoupled weight decay, warmup + cosine schedule,
+    gradient clipping, optional EMA weights; `parts` (anything with state_dict, e.g. a
+    discriminator and its optimiser, updated in `after_step(step)`) and `generators` are
+    saved with the checkpoint. `on_step(step, model)` runs last in each step (interrupt
+    tests, benchmarks); `compile` runs the model through torch.compile (CUDA). Returns the
+    EMA (or trained) model in eval mode and the curve.
     """
-
-    def __init__(self, path: Path, fingerprint: str, every: int) -> None:
-        self.path, self.fingerprint, self.every = path, fingerprint, every
-
-    def load(self) -> dict[str, Any] | None:
-        if not self.path.is_file():
-            return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=False)
-        except Exception:  # noqa: BLE001 - a torn or foreign file is simply not resumable
-            return None
-        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
-            return None
-        return state
-
-    def maybe_save(self, step: int, total: int, state: dict[str, Any]) -> None:
-        """Save after every `every` steps (not after the last: the outputs take over)."""
-        done = step + 1
-        if self.every > 0 and done % self.every == 0 and done < total:
-            atomic_torch_save({**state, "step": done, "fingerprint": self.fingerprint}, self.path)
-
-    def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
+    opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    saved: dict[str, Any] = {"model": model, "opt": opt, "sched": sched, **(parts or {})}
+    if ema is not None:
+        saved["ema"] = ema.model
+    if compile:  # torch.compile of the module's call, in place (after the EMA copy)
+        model.compile()
+    history: History = []
+    start = 0
+    if (state := checkpoint.resume(generators)) is not None:
+        for key, obj in saved.items():
+            obj.load_state_dict(state[key])
+        history, start = state["history"], state["step"]
+    device = next(model.parameters()).device
+    model.train()
+    for step in steps(start, cfg.steps, desc):
+        with autocast(device):
+            loss, logs = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        if after_step is not None:
+            after_step(step)
+        if ema is not None:
+            ema.update(model)
+        if step % LOG_EVERY == 0 or step == cfg.steps - 1:
+            values = {k: v.item() if torch.is_tensor(v) else float(v) for k, v in logs.items()}
+            row = {"step": step, "loss": loss.item(), **values}
+            history.append({**row, "lr": sched.get_last_lr()[0]} if log_lr else row)
+        checkpoint.maybe_save(
+            step,
+            cfg.steps,
+            {**{k: obj.state_dict() for k, obj in saved.items()}, "history": history},
+            generators,
+        )
+        if on_step is not None:
+            on_step(step, model)
+    return (ema.model if ema is not None else model).eval(), history

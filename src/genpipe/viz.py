@@ -1,7 +1,9 @@
-"""Pictures people look at: image grids and curves, as arrays and PNG files."""
+"""Pictures people look at: image grids and curves, as arrays, PNG files and CSV for
+`dvc plots`."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -41,3 +43,15 @@ def save_png(array: np.ndarray, path: Path) -> None:
     """PNG written by Pillow with no metadata, so the bytes depend only on the pixels."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, format="PNG", optimize=False)
+
+
+def write_curve(rows: list[dict[str, float]], path: Path) -> None:
+    """A CSV that `dvc plots` draws (x = step)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+            )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,3 @@ def load_split(split: str, root: Path = PREPARED) -> tuple[torch.Tensor, torch.T
     if x.ndim != 4 or len(x) != len(y):
         raise DataError(f"{folder}: images {x.shape} and labels {y.shape} disagree")
     return torch.from_numpy(x), torch.from_numpy(y)
-
-
-def class_names(root: Path = PREPARED) -> list[str]:
-    return list(json.loads((root / "card.json").read_text())["classes"])

@@ -21,139 +21,34 @@ import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
-from genpipe import evaluation, rl, viz
+from genpipe import artifacts, evaluation, rl, viz
+from genpipe.artifacts.generator import load_generator
+from genpipe.artifacts.judges import load_judge
+from genpipe.checkpoint import Checkpoint
 from genpipe.config import Finetune, Params
-from genpipe.data.prepared import PREPARED, load_split
-from genpipe.generator import Generator, load_generator
+from genpipe.data.prepared import load_split
+from genpipe.generator import Generator
 from genpipe.modelio import read_model_file, save_model
-from genpipe.models import diffusion
-from genpipe.models.classifier import Classifier
-from genpipe.models.transformer import ARPrior
-from genpipe.outputs import staged, write_json
+from genpipe.outputs import write_json
 from genpipe.rewards import RewardContext, WeightedReward, build_reward
-from genpipe.stages import common, evaluate
-from genpipe.stages.judges import OUT as JUDGES
-from genpipe.stages.judges import ROLES, load_judge
-from genpipe.stages.tokenizer import OUT as TOKENIZER
-from genpipe.tracking import write as tracking
-from genpipe.training import Checkpoint, cpu_threads, param_groups, steps
+from genpipe.rl import Policy, Rollout
+from genpipe.runtime import cpu_threads
+from genpipe.spec import StageSpec
+from genpipe.training import param_groups, steps
 
-PRIOR = Path("models/prior")
-OUT = Path("models/finetune")
-METRICS = Path("metrics/finetune.json")
-PLOTS = Path("plots/finetune")
-SECTIONS = ("prior", "finetune")
-
-
-@dataclass
-class Rollout:
-    """One batch of samples from the policy, with what is needed to rescore it.
-
-    old_logp / ref_logp: (B, S) log-probabilities of S scored steps under the sampling weights
-    and the frozen prior; `total_steps` stochastic steps make one sample (S of them scored).
-    """
-
-    labels: torch.Tensor
-    images: torch.Tensor
-    old_logp: torch.Tensor
-    ref_logp: torch.Tensor
-    replay: Any
-    total_steps: int
-
-    def kl_per_sample(self) -> torch.Tensor:
-        """k3 estimate of KL(policy || prior) over a sample's whole generation, (B,)."""
-        return rl.kl_k3(self.old_logp, self.ref_logp).mean(dim=1) * self.total_steps
-
-
-class Policy(Protocol):
-    net: nn.Module
-
-    def rollout(self, labels: torch.Tensor, generator: torch.Generator) -> Rollout: ...
-
-    def log_prob(self, rollout: Rollout) -> torch.Tensor: ...
-
-
-class ARPolicy:
-    """The transformer prior as a policy: one action = a whole code grid, scored as one
-    sequence (per-code ratios clipped per code let a grid move L times further per update,
-    and drifted further from the prior for no more reward, measured)."""
-
-    def __init__(self, gen: Generator, reference: ARPrior, cfg: Finetune, cfg_scale: float) -> None:
-        assert isinstance(gen.prior, ARPrior)
-        self.tokenizer, self.net, self.reference = gen.tokenizer, gen.prior, reference
-        self.cfg_scale, self.temperature = cfg_scale, cfg.temperature
-
-    def _log_prob(self, net: ARPrior, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return net.log_prob(codes, labels, self.cfg_scale, self.temperature)[:, None]
-
-    def rollout(self, labels: torch.Tensor, generator: torch.Generator) -> Rollout:
-        with torch.no_grad():
-            codes = self.net.sample(
-                labels, generator, temperature=self.temperature, cfg_scale=self.cfg_scale
-            )
-            old = self._log_prob(self.net, codes, labels)
-            ref = self._log_prob(self.reference, codes, labels)
-            images = self.tokenizer.decode_codes(codes)
-        return Rollout(labels, images, old, ref, codes, 1)
-
-    def log_prob(self, rollout: Rollout) -> torch.Tensor:
-        return self._log_prob(self.net, rollout.replay, rollout.labels)
-
-
-class DiffusionPolicy:
-    """The denoiser as a policy over stochastic DDIM: each step is a Gaussian action; a random
-    `train_step_fraction` of the steps is scored per batch, to save compute (as in DDPO)."""
-
-    def __init__(
-        self, gen: Generator, reference: diffusion.Denoiser, cfg: Finetune, cfg_scale: float
-    ) -> None:
-        assert isinstance(gen.prior, diffusion.Denoiser) and gen.formulation is not None
-        self.gen, self.net, self.reference, self.form = gen, gen.prior, reference, gen.formulation
-        self.cfg, self.cfg_scale = cfg, cfg_scale
-
-    def _log_prob(
-        self, net: diffusion.Denoiser, traj: diffusion.Trajectory, picks: torch.Tensor, labels
-    ) -> torch.Tensor:
-        cols = []
-        for i in picks.tolist():
-            t, s = float(traj.times[i]), float(traj.times[i + 1])
-            mean, std = diffusion.ddim_step(
-                net, self.form, traj.xs[i], t, s, labels, self.cfg_scale, self.cfg.diffusion_eta
-            )
-            cols.append(diffusion.step_log_prob(traj.xs[i + 1], mean, std))
-        return torch.stack(cols, dim=1)
-
-    def rollout(self, labels: torch.Tensor, generator: torch.Generator) -> Rollout:
-        cfg = self.cfg
-        traj = diffusion.sample_trajectory(
-            self.net,
-            self.form,
-            labels,
-            generator,
-            cfg.diffusion_steps,
-            self.cfg_scale,
-            cfg.diffusion_eta,
-        )
-        stochastic = torch.nonzero(traj.stds > 0).flatten()
-        k = max(1, round(cfg.train_step_fraction * len(stochastic)))
-        picks = stochastic[torch.randperm(len(stochastic), generator=generator)[:k]].sort().values
-        with torch.no_grad():
-            scored = [(traj.xs[i + 1], traj.means[i], traj.stds[i]) for i in picks]
-            old = torch.stack([diffusion.step_log_prob(*step) for step in scored], dim=1)
-            ref = self._log_prob(self.reference, traj, picks, labels)
-            tokenizer = self.gen.tokenizer
-            codes = tokenizer.latent_to_codes(self.gen.from_prior_space(traj.xs[-1]))
-            images = tokenizer.decode_codes(codes)
-        return Rollout(labels, images, old, ref, (traj, picks), len(stochastic))
-
-    def log_prob(self, rollout: Rollout) -> torch.Tensor:
-        traj, picks = rollout.replay
-        return self._log_prob(self.net, traj, picks, rollout.labels)
+SPEC = StageSpec(
+    "finetune",
+    params=("prior", "finetune"),
+    deps=(artifacts.PREPARED, artifacts.PRIOR, artifacts.TOKENIZER, artifacts.JUDGES),
+    outs=(artifacts.FINETUNE,),
+    metrics=artifacts.metrics("finetune"),
+    plots=artifacts.plots("finetune"),
+)
 
 
 def make_policy(gen: Generator, cfg: Finetune) -> tuple[Policy, nn.Module]:
@@ -163,9 +58,7 @@ def make_policy(gen: Generator, cfg: Finetune) -> tuple[Policy, nn.Module]:
     cfg_scale = cfg.cfg_scale
     if cfg_scale is None:
         cfg_scale = float(gen.sampling.get("cfg_scale", 1.0))
-    if gen.kind == "ar":
-        return ARPolicy(gen, reference, cfg, cfg_scale), reference  # type: ignore[arg-type]
-    return DiffusionPolicy(gen, reference, cfg, cfg_scale), reference  # type: ignore[arg-type]
+    return gen.spec.policy(gen, reference, cfg, cfg_scale), reference
 
 
 def prompts(step: int, cfg: Finetune, num_classes: int, device: torch.device) -> torch.Tensor:
@@ -221,10 +114,9 @@ def train(
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {}
     start = 0
-    if checkpoint is not None and (state := checkpoint.load()) is not None:
+    if checkpoint is not None and (state := checkpoint.resume([generator])) is not None:
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
-        generator.set_state(state["generator"])
         history, best, start = state["history"], state["best"], state["step"]
     stopped = False
     device = next(net.parameters()).device
@@ -258,17 +150,8 @@ def train(
         row.update(update(policy, opt, roll, rl.group_advantages(total, cfg.group_size), cfg))
         history.append(row)
         if checkpoint is not None:
-            checkpoint.maybe_save(
-                step,
-                cfg.steps,
-                {
-                    "net": net.state_dict(),
-                    "opt": opt.state_dict(),
-                    "generator": generator.get_state(),
-                    "history": history,
-                    "best": best,
-                },
-            )
+            state = {"net": net.state_dict(), "opt": opt.state_dict(), "history": history}
+            checkpoint.maybe_save(step, cfg.steps, {**state, "best": best}, [generator])
     steps_run = sum(not math.isnan(r["loss"]) for r in history)
     return Result(history, best, stopped, steps_run)
 
@@ -276,7 +159,7 @@ def train(
 @torch.no_grad()
 def score(
     gen: Generator,
-    judges: dict[str, Classifier],
+    judges: dict[str, nn.Module],
     reward: WeightedReward,
     test_x: torch.Tensor,
     num_classes: int,
@@ -285,7 +168,7 @@ def score(
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Class-ordered samples with the prior file's own sampling settings, scored by the
     evaluator (class consistency, FID against the test split) and by the reward."""
-    images, labels, _ = evaluate.generate(gen, per_class, num_classes, seed)
+    images, labels, _ = evaluation.generate(gen, per_class, num_classes, seed)
     total, _ = reward(images, labels)
     evaluator = judges["evaluator"]
     return {
@@ -298,27 +181,23 @@ def score(
 
 def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     cfg = params.finetune
-    deps = [PREPARED, PRIOR, TOKENIZER, JUDGES]
-    prior_file = read_model_file(root / PRIOR / "prior.pt", "prior")
-    gen = load_generator(root / TOKENIZER / "model.pt", root / PRIOR / "prior.pt")
+    prior_path = root / artifacts.PRIOR / artifacts.PRIOR_FILE
+    prior_file = read_model_file(prior_path, "prior")
+    gen = load_generator(root / artifacts.TOKENIZER_FILE, prior_path)
     num_classes = int(gen.prior.num_classes)  # type: ignore[arg-type]
-    judges = {role: load_judge(root, role, num_classes) for role in ROLES}
+    judges = {role: load_judge(root, role, num_classes) for role in artifacts.JUDGE_ROLES}
     context = RewardContext(judges["reward"], cfg.confidence_cap)
     reward = build_reward(cfg.rewards, cfg.reward_entry_points, context, root)
-    test_x, _ = load_split("test", root / PREPARED)
-    ctx = common.start("finetune", params, SECTIONS, deps, root, cfg.checkpoint_every)
+    test_x, _ = load_split("test", root / artifacts.PREPARED)
+    ctx = SPEC.start(params, root, cfg.checkpoint_every)
     gen = gen.to(ctx.device).requires_grad_(False)
     gen.prior.requires_grad_(True)
     policy, reference = make_policy(gen, cfg)
     extra = prior_file["extra"]
     base = Generator(gen.tokenizer, reference, gen.kind, gen.sampling, extra.get("formulation"))
     n = cfg.eval_samples_per_class
-    outs = [OUT, METRICS, PLOTS]
 
-    with (
-        tracking.stage_run("finetune", params, SECTIONS, deps, root, outs=outs) as run,
-        staged(*(root / p for p in outs)) as (out, metrics_path, plots),
-    ):
+    with SPEC.record(params, root) as (run, (out, metrics_path, plots)):
         before, before_images = score(
             base, judges, reward, test_x, num_classes, n, params.base.seed
         )
@@ -334,9 +213,11 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             "best_step": result.best["step"],
             "kl_final": result.best["kl"],
         }
-        save_model(out / "prior.pt", "prior", prior_file["arch"], policy.net.cpu(), **extra)
+        save_model(
+            out / artifacts.PRIOR_FILE, "prior", prior_file["arch"], policy.net.cpu(), **extra
+        )
         write_json(metrics_path, metrics)
-        common.write_curve(result.history, plots / "reward.csv")
+        viz.write_curve(result.history, plots / "reward.csv")
         for name, images in (("before", before_images), ("after", after_images)):
             grid = viz.class_grid(images, n, num_classes)
             viz.save_png(grid, plots / f"samples_{name}.png")

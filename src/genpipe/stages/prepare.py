@@ -8,16 +8,21 @@ from typing import Any
 
 import numpy as np
 
-from genpipe import viz
+from genpipe import artifacts, viz
 from genpipe.config import Params
-from genpipe.data.prepared import PREPARED, SPLITS, write_split
+from genpipe.data.prepared import SPLITS, write_split
 from genpipe.data.raw import DataError, read_raw
 from genpipe.data.splits import stratified_split, to_tensor_images
-from genpipe.outputs import staged, write_json
-from genpipe.tracking import write as tracking
+from genpipe.outputs import write_json
+from genpipe.spec import StageSpec
 
-RAW = Path("data/raw")
-METRICS = Path("metrics/prepare.json")
+SPEC = StageSpec(
+    "prepare",
+    params=("prepare",),
+    deps=(artifacts.RAW,),
+    outs=(artifacts.PREPARED,),
+    metrics=artifacts.metrics("prepare"),
+)
 MIN_PER_CLASS = 3  # one image per split at least
 
 
@@ -55,19 +60,14 @@ def build_card(
 
 def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     cfg = params.prepare
-    raw = read_raw(root / RAW)
+    raw = read_raw(root / artifacts.RAW)
     validate_classes(raw.labels, raw.classes)
     images = to_tensor_images(raw, cfg.image_size, cfg.channels)
     index = stratified_split(raw.labels, cfg.train_frac, cfg.val_frac, params.base.seed)
     splits = {s: (images[index[s]], raw.labels[index[s]]) for s in SPLITS}
     card = build_card(splits, raw.classes, raw.source)
 
-    with (
-        tracking.stage_run(
-            "prepare", params, ("prepare",), [RAW], root, outs=[PREPARED, METRICS]
-        ) as run,
-        staged(root / PREPARED, root / METRICS) as (out, metrics_path),
-    ):
+    with SPEC.record(params, root) as (run, (out, metrics_path)):
         for s in SPLITS:
             write_split(out / s, *splits[s])
         write_json(out / "card.json", card)
@@ -78,7 +78,9 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         write_json(metrics_path, {"card": card, **metrics})
         run.log_metrics(metrics)
         for s in SPLITS:
-            run.log_dataset(f"{raw.source}-{s}", card["digest"][:16], root / PREPARED / s, s)
+            run.log_dataset(
+                f"{raw.source}-{s}", card["digest"][:16], root / artifacts.PREPARED / s, s
+            )
         run.log_image(_class_grid(*splits["train"], len(raw.classes)), "train_samples.png")
         run.log_artifact(out / "card.json")
         run.write_meta(out)

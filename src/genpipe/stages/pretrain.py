@@ -11,31 +11,32 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from genpipe import probes
+from genpipe import artifacts, probes, viz
+from genpipe.artifacts.encoder import encoder_arch
 from genpipe.config import Params
-from genpipe.data.prepared import PREPARED, load_split
+from genpipe.data.prepared import load_split
+from genpipe.evaluation import batched
 from genpipe.modelio import save_model
 from genpipe.models.autoencoder import Encoder
 from genpipe.models.ssl import MAE, SimCLR, encoder_features, simclr_augment
-from genpipe.outputs import staged, write_json
-from genpipe.stages import common
-from genpipe.tracking import write as tracking
-from genpipe.training import autocast, batch_indices, make_optimizer, steps
+from genpipe.outputs import write_json
+from genpipe.spec import StageContext, StageSpec
+from genpipe.training import History, batch_indices, fit
 
-OUT = Path("models/pretrain")
-METRICS = Path("metrics/pretrain.json")
-PLOTS = Path("plots/pretrain")
-
-
-def encoder_arch(params: Params) -> dict[str, Any]:
-    """The tokenizer's encoder, so the result can initialise it or serve as its feature net."""
-    t = params.tokenizer
-    return {
-        "in_channels": params.prepare.channels,
-        "channels": tuple(t.channels),
-        "num_res_blocks": t.num_res_blocks,
-        "out_dim": t.embed_dim,
-    }
+SPEC = StageSpec(
+    "pretrain",
+    params=(
+        "prepare",
+        "pretrain",
+        "tokenizer.channels",
+        "tokenizer.num_res_blocks",
+        "tokenizer.embed_dim",
+    ),
+    deps=(artifacts.PREPARED,),
+    outs=(artifacts.PRETRAIN,),
+    metrics=artifacts.metrics("pretrain"),
+    plots=artifacts.plots("pretrain"),
+)
 
 
 def build_objective(params: Params, encoder: Encoder) -> nn.Module:
@@ -47,46 +48,46 @@ def build_objective(params: Params, encoder: Encoder) -> nn.Module:
 
 
 def train(
-    params: Params, x_train: torch.Tensor, ctx: common.StageContext
-) -> tuple[Encoder, list[dict[str, float]]]:
+    params: Params, x_train: torch.Tensor, ctx: StageContext, on_step=None
+) -> tuple[Encoder, History]:
+    """Train from scratch or resume `ctx.checkpoint`; returns the (EMA) encoder and the curve."""
     cfg, opt_cfg = params.pretrain, params.pretrain.optim
     device, g = ctx.device, ctx.generator
     encoder = Encoder(**encoder_arch(params))
     objective = build_objective(params, encoder).to(device)
+    augment_g = torch.Generator().manual_seed(params.base.seed + 7)
     augment = simclr_augment(
-        torch.Generator().manual_seed(params.base.seed + 7),
+        augment_g,
         scale=tuple(cfg.crop_scale),
         degrees=cfg.degrees,
         translate=cfg.translate,
         noise_std=cfg.noise_std,
     )
-    opt, sched = make_optimizer(
-        objective, opt_cfg.lr, opt_cfg.weight_decay, opt_cfg.warmup_steps, opt_cfg.steps
-    )
     x_all = x_train.to(device)
-    history = []
-    objective.train()
-    for step in steps(0, opt_cfg.steps, f"pretrain ({cfg.method})"):
-        x = x_all[batch_indices(len(x_all), opt_cfg.batch_size, params.base.seed, step).to(device)]
-        with autocast(device):
-            views = (augment(x), augment(x)) if cfg.method == "simclr" else (x, g)
-            loss = objective(*views)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if opt_cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(objective.parameters(), opt_cfg.grad_clip)
-        opt.step()
-        sched.step()
-        if step % 25 == 0 or step == opt_cfg.steps - 1:
-            history.append({"step": step, "loss": loss.item()})
-    return encoder.eval(), history
+
+    def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        idx = batch_indices(len(x_all), opt_cfg.batch_size, params.base.seed, step)
+        x = x_all[idx.to(device)]
+        views = (augment(x), augment(x)) if cfg.method == "simclr" else (x, g)
+        return objective(*views), {}
+
+    final, history = fit(
+        objective,
+        opt_cfg,
+        loss_fn,
+        ctx.checkpoint,
+        f"pretrain ({cfg.method})",
+        generators=(g, augment_g),
+        on_step=on_step,
+    )
+    return final.encoder.eval(), history  # type: ignore[return-value]
 
 
 @torch.no_grad()
 def _features(encoder: nn.Module | None, x: torch.Tensor) -> Any:
     if encoder is None:
         return x.flatten(1).numpy()
-    return common.batched(lambda b: encoder_features(encoder, b), x).numpy()
+    return batched(lambda b: encoder_features(encoder, b), x).numpy()
 
 
 def probe_all(
@@ -121,16 +122,10 @@ def projection_figure(encoder: nn.Module, x: torch.Tensor, y: torch.Tensor, seed
 
 def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     cfg = params.pretrain
-    deps = [PREPARED]
-    sections = ("prepare", "pretrain", "tokenizer")
-    ctx = common.start("pretrain", params, sections, deps, root, 0)
-    train_xy, test_xy = load_split("train", root / PREPARED), load_split("test", root / PREPARED)
-    with (
-        tracking.stage_run(
-            "pretrain", params, sections, deps, root, outs=[OUT, METRICS, PLOTS]
-        ) as run,
-        staged(root / OUT, root / METRICS, root / PLOTS) as (out, metrics_path, plots),
-    ):
+    ctx = SPEC.start(params, root, cfg.optim.checkpoint_every)
+    prepared = root / artifacts.PREPARED
+    train_xy, test_xy = load_split("train", prepared), load_split("test", prepared)
+    with SPEC.record(params, root) as (run, (out, metrics_path, plots)):
         encoder, history = train(params, train_xy[0], ctx)
         encoder = encoder.cpu()
         torch.manual_seed(params.base.seed)
@@ -149,11 +144,12 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             out / "encoder.pt", "ssl_encoder", encoder_arch(params), encoder, method=cfg.method
         )
         write_json(metrics_path, metrics)
-        common.write_curve(history, plots / "loss.csv")
+        viz.write_curve(history, plots / "loss.csv")
         fig = projection_figure(encoder, *test_xy, params.base.seed)
         fig.savefig(plots / "features_pca.png", metadata={"Software": None})
         run.log_figure(fig, "features_pca.png")
         run.log_metrics(metrics)
         run.log_history(history)
         run.write_meta(out)
+    ctx.checkpoint.clear()
     return metrics

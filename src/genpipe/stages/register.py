@@ -10,28 +10,38 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from genpipe import registry
+from genpipe import artifacts, evaluation, registry
+from genpipe.artifacts.judges import load_judge
 from genpipe.config import Params
-from genpipe.data.prepared import PREPARED, load_split
+from genpipe.data.prepared import load_split
 from genpipe.generator import Generator
-from genpipe.outputs import staged, write_json
-from genpipe.stages import common, evaluate
-from genpipe.stages.judges import load_judge
-from genpipe.stages.tokenizer import OUT as TOKENIZER
-from genpipe.tracking import write as tracking
+from genpipe.outputs import write_json
+from genpipe.spec import StageSpec
 
-REPORT = Path("reports/register")
+SPEC = StageSpec(
+    "register",
+    params=("evaluate", "register"),
+    deps=(
+        artifacts.EVALUATION,
+        artifacts.TOKENIZER,
+        *artifacts.PRIORS.values(),
+        artifacts.JUDGES,
+        artifacts.PREPARED,
+    ),
+    outs=(artifacts.REPORT,),
+    cache=False,
+)
 LOWER_IS_BETTER = {"fid", "fid_ratio"}
 
 
 def _score(gen: Generator, params: Params, root: Path) -> dict[str, float]:
     cfg = params.evaluate
-    test_x, _ = load_split("test", root / PREPARED)
-    train_x, train_y = load_split("train", root / PREPARED)
+    test_x, _ = load_split("test", root / artifacts.PREPARED)
+    train_x, train_y = load_split("train", root / artifacts.PREPARED)
     num_classes = int(train_y.max()) + 1
     evaluator = load_judge(root, "evaluator", num_classes)
-    floor_x = evaluate.floor_sample(train_x, train_y, cfg.samples_per_class, params.base.seed)
-    metrics, _ = evaluate.score(
+    floor_x = evaluation.floor_sample(train_x, train_y, cfg.samples_per_class, params.base.seed)
+    metrics, _ = evaluation.score(
         gen,
         evaluator,
         test_x,
@@ -46,25 +56,26 @@ def _score(gen: Generator, params: Params, root: Path) -> dict[str, float]:
 
 def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     cfg = params.register
-    prior_dir = evaluate.PRIORS[cfg.prior]
-    deps = [evaluate.METRICS, TOKENIZER, prior_dir, evaluate.JUDGES, PREPARED]
-    common.start("register", params, ("evaluate", "register"), deps, root, 0)
-    candidate = json.loads((root / evaluate.METRICS).read_text())[cfg.prior]
+    prior_dir = artifacts.PRIORS[cfg.prior]
+    deps = (
+        artifacts.EVALUATION,
+        artifacts.TOKENIZER,
+        prior_dir,
+        artifacts.JUDGES,
+        artifacts.PREPARED,
+    )
+    SPEC.start(params, root, deps=deps)
+    candidate = json.loads((root / artifacts.EVALUATION).read_text())[cfg.prior]
     found = registry.champion()
     champion = _score(found[1], params, root) if found else None
     decision = registry.decide(
         candidate, champion, cfg.primary_metric, cfg.primary_metric in LOWER_IS_BETTER
     )
-    num_classes = int(load_split("train", root / PREPARED)[1].max()) + 1
+    num_classes = int(load_split("train", root / artifacts.PREPARED)[1].max()) + 1
 
-    with (
-        tracking.stage_run(
-            "register", params, ("evaluate", "register"), deps, root, outs=[REPORT]
-        ) as run,
-        staged(root / REPORT) as (out,),
-    ):
+    with SPEC.record(params, root, deps) as (run, (out,)):
         version = registry.log_generator(
-            root / TOKENIZER / "model.pt", root / prior_dir / "prior.pt", num_classes
+            root / artifacts.TOKENIZER_FILE, root / prior_dir / artifacts.PRIOR_FILE, num_classes
         )
         report = {
             "version": version,

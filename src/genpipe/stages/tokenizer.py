@@ -3,7 +3,6 @@ quality and codebook use on val and test; write the model file and reconstructio
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,11 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genpipe import viz
+from genpipe import artifacts, viz
+from genpipe.artifacts.encoder import load_ssl_encoder
+from genpipe.artifacts.tokenizer import build_tokenizer
 from genpipe.config import Params
-from genpipe.data.prepared import PREPARED, load_split
-from genpipe.modelio import load_model, save_model
-from genpipe.models.autoencoder import Encoder
+from genpipe.data.prepared import load_split
+from genpipe.evaluation import reconstruction
+from genpipe.modelio import save_model
 from genpipe.models.discriminator import (
     PatchDiscriminator,
     PerceptualLoss,
@@ -25,55 +26,33 @@ from genpipe.models.discriminator import (
     hinge_g_loss,
 )
 from genpipe.models.tokenizer import VQAutoencoder
-from genpipe.outputs import staged, write_json
-from genpipe.stages import common
-from genpipe.tracking import write as tracking
-from genpipe.training import EMA, autocast, batch_indices, make_optimizer, steps
+from genpipe.outputs import write_json
+from genpipe.runtime import autocast
+from genpipe.spec import StageContext, StageSpec
+from genpipe.training import History, batch_indices, fit, make_optimizer
 
-OUT = Path("models/tokenizer")
-METRICS = Path("metrics/tokenizer.json")
-PLOTS = Path("plots/tokenizer")
-SSL_ENCODER = Path("models/pretrain/encoder.pt")
-LOG_EVERY = 25
-
-
-def build(params: Params) -> VQAutoencoder:
-    return VQAutoencoder(**params.tokenizer.arch(params.prepare.channels))
-
-
-def load_tokenizer(path: Path, params: Params | None = None) -> VQAutoencoder:
-    """The trained tokenizer; with `params`, refuse a file made for another architecture."""
-    expect = params.tokenizer.arch(params.prepare.channels) if params else None
-    model, _ = load_model(path, "tokenizer", VQAutoencoder, expect)
-    assert isinstance(model, VQAutoencoder)
-    return model
-
-
-def load_ssl_encoder(params: Params, root: Path) -> nn.Module:
-    """The `pretrain` encoder, refused unless its architecture is this tokenizer's encoder."""
-    cfg = params.tokenizer
-    expect = {
-        "in_channels": params.prepare.channels,
-        "channels": tuple(cfg.channels),
-        "num_res_blocks": cfg.num_res_blocks,
-        "out_dim": cfg.embed_dim,
-    }
-    encoder, _ = load_model(root / SSL_ENCODER, "ssl_encoder", Encoder, expect)
-    return encoder
+SPEC = StageSpec(
+    "tokenizer",
+    params=("prepare", "tokenizer"),
+    deps=(artifacts.PREPARED, artifacts.PRETRAIN),
+    outs=(artifacts.TOKENIZER,),
+    metrics=artifacts.metrics("tokenizer"),
+    plots=artifacts.plots("tokenizer"),
+)
 
 
 def train(
     params: Params,
     train_x: torch.Tensor,
-    ctx: common.StageContext,
+    ctx: StageContext,
     ssl_encoder: nn.Module | None = None,
-    on_step: Callable[[int, VQAutoencoder], None] | None = None,
-) -> tuple[VQAutoencoder, list[dict[str, float]]]:
+    on_step: Callable[[int, nn.Module], None] | None = None,
+) -> tuple[VQAutoencoder, History]:
     """Train from scratch or resume `ctx.checkpoint`; returns the (EMA) model and the curve.
     `on_step(step, model)` runs after each step (interrupt tests, learning-speed benchmarks)."""
     cfg, opt_cfg = params.tokenizer, params.tokenizer.optim
     device, world = ctx.device, ctx.world
-    model = build(params).to(device)
+    model = build_tokenizer(params).to(device)
     if world.size > 1 and hasattr(model.quantizer, "reduce"):
         # codebook statistics summed over ranks; (re)initialised codes taken from rank 0
         model.quantizer.reduce = world.all_reduce_sum
@@ -82,108 +61,53 @@ def train(
         model.encoder.load_state_dict(ssl_encoder.state_dict())
     perceptual = PerceptualLoss(ssl_encoder).to(device) if cfg.perceptual_weight > 0 else None
     disc = PatchDiscriminator(params.prepare.channels, num_layers=cfg.disc_layers).to(device)
-    opt, sched = make_optimizer(
-        model, opt_cfg.lr, opt_cfg.weight_decay, opt_cfg.warmup_steps, opt_cfg.steps
-    )
     d_opt, d_sched = make_optimizer(
         disc, opt_cfg.lr, opt_cfg.weight_decay, opt_cfg.warmup_steps, opt_cfg.steps
     )
-    ema = EMA(model, opt_cfg.ema_decay) if opt_cfg.ema_decay > 0 else None
-    history: list[dict[str, float]] = []
-    start = 0
-    if (state := ctx.checkpoint.load()) is not None:
-        model.load_state_dict(state["model"])
-        disc.load_state_dict(state["disc"])
-        opt.load_state_dict(state["opt"])
-        d_opt.load_state_dict(state["d_opt"])
-        sched.load_state_dict(state["sched"])
-        d_sched.load_state_dict(state["d_sched"])
-        if ema is not None:
-            ema.model.load_state_dict(state["ema"])
-        torch.set_rng_state(state["rng"])
-        history, start = state["history"], state["step"]
-
     rec_fn = F.l1_loss if cfg.recon_loss == "l1" else F.mse_loss
     use_gan = cfg.disc_weight > 0
     x_all = train_x.to(device)
     net = world.wrap(model, device)  # DDP averages gradients across ranks
-    model.train()
-    for step in steps(start, opt_cfg.steps, "tokenizer"):
+    batch: dict[str, torch.Tensor] = {}  # this step's images, for the discriminator update
+
+    def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         idx = batch_indices(len(x_all), opt_cfg.batch_size, params.base.seed, step)
         x = x_all[world.shard(idx).to(device)]
+        x_hat, codes, q_loss, stats = net(x)
+        rec = rec_fn(x_hat.float(), x)
+        if perceptual is not None:
+            rec = rec + cfg.perceptual_weight * perceptual(x_hat, x)
+        loss = rec + q_loss
+        if use_gan and step >= cfg.disc_start:
+            g_loss = hinge_g_loss(disc(x_hat))
+            weight = adaptive_weight(rec, g_loss, model.decoder.last_layer, cfg.disc_max_weight)
+            loss = loss + cfg.disc_weight * weight * g_loss
+            batch.update(x=x, x_hat=x_hat)
+        logs = {"recon": rec, "quant": q_loss, "perplexity": stats["perplexity"]}
+        return loss, logs
+
+    def discriminator_step(step: int) -> None:
+        if not batch:
+            return
         with autocast(device):
-            x_hat, codes, q_loss, stats = net(x)
-            rec = rec_fn(x_hat.float(), x)
-            if perceptual is not None:
-                rec = rec + cfg.perceptual_weight * perceptual(x_hat, x)
-            loss = rec + q_loss
-            gan_on = use_gan and step >= cfg.disc_start
-            if gan_on:
-                g_loss = hinge_g_loss(disc(x_hat))
-                weight = adaptive_weight(rec, g_loss, model.decoder.last_layer, cfg.disc_max_weight)
-                loss = loss + cfg.disc_weight * weight * g_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if opt_cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
-        opt.step()
-        sched.step()
-        if gan_on:
-            with autocast(device):
-                d_loss = hinge_d_loss(disc(x), disc(x_hat.detach()))
-            d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            d_opt.step()
-            d_sched.step()
-        if ema is not None:
-            ema.update(model)
-        if step % LOG_EVERY == 0 or step == opt_cfg.steps - 1:
-            history.append(
-                {
-                    "step": step,
-                    "loss": loss.item(),
-                    "recon": rec.item(),
-                    "quant": q_loss.item(),
-                    "perplexity": float(stats["perplexity"]),
-                }
-            )
-        ctx.checkpoint.maybe_save(
-            step,
-            opt_cfg.steps,
-            {
-                "model": model.state_dict(),
-                "disc": disc.state_dict(),
-                "opt": opt.state_dict(),
-                "d_opt": d_opt.state_dict(),
-                "sched": sched.state_dict(),
-                "d_sched": d_sched.state_dict(),
-                "ema": ema.model.state_dict() if ema is not None else None,
-                "rng": torch.get_rng_state(),
-                "history": history,
-            },
-        )
-        if on_step is not None:
-            on_step(step, model)
-    final = ema.model if ema is not None else model
-    return final.eval(), history  # type: ignore[return-value]
+            d_loss = hinge_d_loss(disc(batch["x"]), disc(batch["x_hat"].detach()))
+        batch.clear()
+        d_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        d_opt.step()
+        d_sched.step()
 
-
-@torch.no_grad()
-def evaluate(model: VQAutoencoder, x: torch.Tensor, device: torch.device) -> dict[str, float]:
-    """MSE/PSNR over the whole split; usage and perplexity of the codes over the whole split."""
-    model = model.to(device).eval()
-    codes = common.batched(lambda b: model.encode_codes(b.to(device)).cpu(), x)
-    recon = common.batched(lambda c: model.decode_codes(c.to(device)).cpu(), codes)
-    mse = float(F.mse_loss(recon.float(), x))
-    counts = torch.bincount(codes.flatten(), minlength=model.codebook_size).double()
-    probs = counts / counts.sum()
-    entropy = float(-(probs[probs > 0] * probs[probs > 0].log()).sum())
-    return {
-        "mse": mse,
-        "psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
-        "codebook_usage": float((counts > 0).double().mean()),
-        "perplexity": math.exp(entropy),
-    }
+    final, history = fit(
+        model,
+        opt_cfg,
+        loss_fn,
+        ctx.checkpoint,
+        "tokenizer",
+        parts={"disc": disc, "d_opt": d_opt, "d_sched": d_sched},
+        after_step=discriminator_step,
+        on_step=on_step,
+    )
+    return final, history  # type: ignore[return-value]
 
 
 def recon_grid(model: VQAutoencoder, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Any:
@@ -197,28 +121,19 @@ def recon_grid(model: VQAutoencoder, x: torch.Tensor, y: torch.Tensor, device: t
 
 def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     cfg = params.tokenizer
-    deps = [PREPARED]
     needs_ssl = cfg.init_from_ssl or cfg.perceptual_weight > 0
-    if needs_ssl:
-        deps.append(SSL_ENCODER.parent)
-    ctx = common.start(
-        "tokenizer", params, ("prepare", "tokenizer"), deps, root, cfg.optim.checkpoint_every
-    )
-    train_x, _ = load_split("train", root / PREPARED)
-    splits = {s: load_split(s, root / PREPARED) for s in ("val", "test")}
+    deps = SPEC.deps if needs_ssl else (artifacts.PREPARED,)
+    ctx = SPEC.start(params, root, cfg.optim.checkpoint_every, deps)
+    train_x, _ = load_split("train", root / artifacts.PREPARED)
+    splits = {s: load_split(s, root / artifacts.PREPARED) for s in ("val", "test")}
     ssl_encoder = load_ssl_encoder(params, root) if needs_ssl else None
     if not ctx.world.is_main:  # other torchrun ranks train alongside rank 0, which writes
         train(params, train_x, ctx, ssl_encoder)
         return {}
 
-    with (
-        tracking.stage_run(
-            "tokenizer", params, ("prepare", "tokenizer"), deps, root, outs=[OUT, METRICS, PLOTS]
-        ) as run,
-        staged(root / OUT, root / METRICS, root / PLOTS) as (out, metrics_path, plots),
-    ):
+    with SPEC.record(params, root, deps) as (run, (out, metrics_path, plots)):
         model, history = train(params, train_x, ctx, ssl_encoder)
-        metrics = {s: evaluate(model, x, ctx.device) for s, (x, _) in splits.items()}
+        metrics = {s: reconstruction(model, x, ctx.device) for s, (x, _) in splits.items()}
         model = model.cpu()
         save_model(
             out / "model.pt",
@@ -228,7 +143,7 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             grid=model.grid(params.prepare.image_size),
         )
         write_json(metrics_path, metrics)
-        common.write_curve(history, plots / "loss.csv")
+        viz.write_curve(history, plots / "loss.csv")
         for split, (x, y) in splits.items():
             grid = recon_grid(model, x, y, torch.device("cpu"))
             viz.save_png(grid, plots / f"recon_{split}.png")

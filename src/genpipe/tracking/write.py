@@ -121,7 +121,7 @@ def stage_run(
         "git_commit": git["commit"],
         "git_dirty": git["dirty"],
         "params_hash": params.digest(*sections),
-        "params": {s: getattr(params, s).model_dump() for s in ("base", *sections)},
+        "params": params.pick("base", *sections),
         "deps": dep_md5,
         "upstream_runs": upstream,
         "seed": seed,
@@ -140,9 +140,7 @@ def stage_run(
     start = time.perf_counter()
     with mlflow.start_run(run_name=stage, tags={k: str(v) for k, v in tags.items()}) as run:
         meta["run_id"] = run.info.run_id
-        mlflow.log_params(
-            store.flatten({s: getattr(params, s).model_dump() for s in ("base", *sections)})
-        )
+        mlflow.log_params(store.flatten(params.pick("base", *sections)))
         handle = StageRun(mlflow, run.info.run_id, stage, meta)
         yield handle
         mlflow.log_metric("wall_seconds", time.perf_counter() - start)

@@ -6,16 +6,30 @@ variable t (rectified flow: t in [0, 1]; EDM: t = sigma; DDPM: variance-preservi
 [0, 1]). It says how to train the net and how to turn the net's raw output into a data
 estimate x0_hat and a noise estimate eps_hat. Samplers only ever see (alpha, sigma, their
 time derivatives, x0_hat, eps_hat), so each sampler works with each formulation.
+
+Kind `diffusion` (`KIND`): trained on the codes' embeddings, standardised over the training
+codes; samples are snapped back to the nearest codes; RL scores a random share of the
+Gaussian steps of stochastic DDIM.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from genpipe.models.priors.base import CodeSpace, PriorFileError, PriorKind
+from genpipe.rl import Rollout
+
+if TYPE_CHECKING:
+    from genpipe.config import Finetune, Prior
+    from genpipe.generator import Generator
+    from genpipe.models.tokenizer import VQAutoencoder
 
 FORMULATIONS = ("flow_matching", "edm", "ddpm")
 SAMPLERS = ("euler", "heun", "ddim")
@@ -559,3 +573,169 @@ def sample_trajectory(
 def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+
+
+# ---------------------------------------------------------------- the kind
+
+
+def from_prior_space(sampling: dict[str, Any], latents: torch.Tensor) -> torch.Tensor:
+    """Undo the normalisation the prior was trained in (recorded in its sampling settings)."""
+    return latents * sampling.get("latent_scale", 1.0) + sampling.get("latent_shift", 0.0)
+
+
+class DiffusionKind(PriorKind):
+    name = "diffusion"
+    module = Denoiser
+
+    def from_params(self, cfg: Prior, space: CodeSpace) -> dict[str, Any]:
+        return {
+            "latent_dim": space.latent_dim,
+            "grid": space.grid,
+            "num_classes": space.num_classes,
+            "dim": cfg.dim,
+            "depth": cfg.depth,
+            "heads": cfg.heads,
+            "class_dropout": cfg.class_dropout,
+        }
+
+    def sampling(self, cfg: Prior) -> dict[str, Any]:
+        return {
+            "cfg_scale": cfg.cfg_scale,
+            "sampler": cfg.sampler,
+            "steps": cfg.sampling_steps,
+            "eta": cfg.eta,
+        }
+
+    def settings(self, cfg: Prior) -> dict[str, Any]:
+        """The formulation, by name and constructor arguments."""
+        return {
+            "name": cfg.formulation,
+            **({"prediction": cfg.prediction} if cfg.formulation == "ddpm" else {}),
+        }
+
+    def calibrate(self, tokenizer: VQAutoencoder, train_codes: torch.Tensor) -> dict[str, Any]:
+        with torch.no_grad():
+            latents = tokenizer.codes_to_latent(train_codes)
+        return {"latent_shift": float(latents.mean()), "latent_scale": float(latents.std())}
+
+    def inputs(
+        self, tokenizer: VQAutoencoder, codes: torch.Tensor, sampling: dict[str, Any]
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            latents = tokenizer.codes_to_latent(codes)
+        return (latents - sampling["latent_shift"]) / sampling["latent_scale"]
+
+    def loss(
+        self,
+        net: nn.Module,
+        settings: dict[str, Any] | None,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        return make_formulation(**(settings or {})).loss(net, x, labels, generator)  # type: ignore[arg-type]
+
+    def validate(
+        self,
+        net: nn.Module,
+        settings: dict[str, Any] | None,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        seed: int,
+    ) -> dict[str, float]:
+        """The training loss at fixed noise draws."""
+        form = make_formulation(**(settings or {}))
+        g = torch.Generator(x.device).manual_seed(seed + 1)
+        losses = [float(form.loss(net, x, labels, g)) for _ in range(8)]  # type: ignore[arg-type]
+        return {"val_loss": sum(losses) / len(losses)}
+
+    def sample_codes(
+        self, gen: Generator, labels: torch.Tensor, generator: torch.Generator, **s: Any
+    ) -> torch.Tensor:
+        assert isinstance(gen.prior, Denoiser) and gen.formulation is not None
+        latents = sample(
+            gen.prior,
+            make_formulation(**gen.formulation),
+            labels,
+            generator,
+            steps=s.get("steps", 20),
+            sampler=s.get("sampler", "euler"),
+            cfg_scale=s.get("cfg_scale", 1.0),
+            eta=s.get("eta", 0.0),
+        )
+        return gen.tokenizer.latent_to_codes(from_prior_space(gen.sampling, latents))
+
+    def check_compatible(self, tokenizer: VQAutoencoder, prior: nn.Module, path: Path) -> None:
+        assert isinstance(prior, Denoiser)
+        if prior.latent_shape[0] != tokenizer.latent_dim:
+            raise PriorFileError(
+                f"{path}: prior latents have {prior.latent_shape[0]} channels but the "
+                f"tokenizer's have {tokenizer.latent_dim}; re-run `dvc repro prior`"
+            )
+
+    def policy(
+        self, gen: Generator, reference: nn.Module, cfg: Finetune, cfg_scale: float
+    ) -> DiffusionPolicy:
+        return DiffusionPolicy(gen, reference, cfg, cfg_scale)
+
+
+class DiffusionPolicy:
+    """The denoiser as a policy over stochastic DDIM: each step is a Gaussian action; a random
+    `train_step_fraction` of the steps is scored per batch, to save compute (as in DDPO)."""
+
+    def __init__(
+        self, gen: Generator, reference: nn.Module, cfg: Finetune, cfg_scale: float
+    ) -> None:
+        assert isinstance(gen.prior, Denoiser) and gen.formulation is not None
+        self.gen, self.net, self.reference = gen, gen.prior, reference
+        self.form = make_formulation(**gen.formulation)
+        self.cfg, self.cfg_scale = cfg, cfg_scale
+
+    def _log_prob(
+        self, net: nn.Module, traj: Trajectory, picks: torch.Tensor, labels
+    ) -> torch.Tensor:
+        cols = []
+        for i in picks.tolist():
+            t, s = float(traj.times[i]), float(traj.times[i + 1])
+            mean, std = ddim_step(
+                net,  # type: ignore[arg-type]
+                self.form,
+                traj.xs[i],
+                t,
+                s,
+                labels,
+                self.cfg_scale,
+                self.cfg.diffusion_eta,
+            )
+            cols.append(step_log_prob(traj.xs[i + 1], mean, std))
+        return torch.stack(cols, dim=1)
+
+    def rollout(self, labels: torch.Tensor, generator: torch.Generator) -> Rollout:
+        cfg = self.cfg
+        traj = sample_trajectory(
+            self.net,
+            self.form,
+            labels,
+            generator,
+            cfg.diffusion_steps,
+            self.cfg_scale,
+            cfg.diffusion_eta,
+        )
+        stochastic = torch.nonzero(traj.stds > 0).flatten()
+        k = max(1, round(cfg.train_step_fraction * len(stochastic)))
+        picks = stochastic[torch.randperm(len(stochastic), generator=generator)[:k]].sort().values
+        with torch.no_grad():
+            scored = [(traj.xs[i + 1], traj.means[i], traj.stds[i]) for i in picks]
+            old = torch.stack([step_log_prob(*step) for step in scored], dim=1)
+            ref = self._log_prob(self.reference, traj, picks, labels)
+            tokenizer = self.gen.tokenizer
+            codes = tokenizer.latent_to_codes(from_prior_space(self.gen.sampling, traj.xs[-1]))
+            images = tokenizer.decode_codes(codes)
+        return Rollout(labels, images, old, ref, (traj, picks), len(stochastic))
+
+    def log_prob(self, rollout: Rollout) -> torch.Tensor:
+        traj, picks = rollout.replay
+        return self._log_prob(self.net, traj, picks, rollout.labels)
+
+
+KIND = DiffusionKind()

@@ -5,15 +5,25 @@ code i, so input position i carries the class token (i = 0) or code i - 1. Posit
 indexed by the cell being predicted: a query knows which grid cell it is about to fill.
 A learned null class stands in for the label under class dropout, which is what
 classifier-free guidance (CFG) contrasts against at sampling time.
+
+Kind `ar` (`KIND`): trained by next-code cross-entropy on the code grids, validated by NLL in
+bits per code, fine-tuned by RL with a whole grid as one action.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from genpipe.models.priors.base import CodeSpace, PriorKind
+
+if TYPE_CHECKING:
+    from genpipe.config import Prior
+    from genpipe.generator import Generator
 
 POSITIONS = ("rope2d", "learned")
 
@@ -327,3 +337,56 @@ def _check_sampling(cfg_scale: float, temperature: float) -> None:
         raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+class ARKind(PriorKind):
+    name = "ar"
+    module = ARPrior
+
+    def from_params(self, cfg: Prior, space: CodeSpace) -> dict[str, Any]:
+        return {
+            "vocab_size": space.codebook_size,
+            "grid": space.grid,
+            "num_classes": space.num_classes,
+            "dim": cfg.dim,
+            "depth": cfg.depth,
+            "heads": cfg.heads,
+            "dropout": cfg.dropout,
+            "class_dropout": cfg.class_dropout,
+            "pos": cfg.pos,
+        }
+
+    def sampling(self, cfg: Prior) -> dict[str, Any]:
+        return {
+            "cfg_scale": cfg.cfg_scale,
+            "temperature": cfg.temperature,
+            "top_k": cfg.top_k,
+            "top_p": cfg.top_p,
+        }
+
+    def validate(
+        self,
+        net: nn.Module,
+        settings: dict[str, Any] | None,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        seed: int,
+    ) -> dict[str, float]:
+        assert isinstance(net, ARPrior)
+        return {"val_nll_bits_per_code": net.nll_bits_per_code(x, labels)}
+
+    def sample_codes(
+        self, gen: Generator, labels: torch.Tensor, generator: torch.Generator, **s: Any
+    ) -> torch.Tensor:
+        assert isinstance(gen.prior, ARPrior)
+        return gen.prior.sample(
+            labels,
+            generator,
+            temperature=s.get("temperature", 1.0),
+            top_k=s.get("top_k"),
+            top_p=s.get("top_p"),
+            cfg_scale=s.get("cfg_scale", 1.0),
+        )
+
+
+KIND = ARKind()
