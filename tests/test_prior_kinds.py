@@ -1,0 +1,164 @@
+"""A prior kind is one class: a kind defined here, and registered, goes through the prior
+stage, RL fine-tuning and the registered (pyfunc) generator with no change to any of them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from genpipe.artifacts.generator import load_generator
+from genpipe.artifacts.tokenizer import build_tokenizer
+from genpipe.config import ParamsError, parse_params
+from genpipe.modelio import save_model
+from genpipe.models.classifier import Classifier
+from genpipe.models.priors import PRIOR_KINDS, prior_kind
+from genpipe.models.priors.base import PriorKind
+from genpipe.registry import GeneratorModel
+from genpipe.rewards import WeightedReward
+from genpipe.stages import finetune, prior
+
+CLASSES = 3
+
+
+class CellTable(nn.Module):
+    """p(codes | class) with every cell independent: one table of logits per class."""
+
+    def __init__(self, vocab_size: int, grid: tuple[int, int], num_classes: int) -> None:
+        super().__init__()
+        self.vocab_size, self.grid, self.num_classes = vocab_size, tuple(grid), num_classes
+        self.logits = nn.Parameter(torch.zeros(num_classes, grid[0] * grid[1], vocab_size))
+
+    def log_prob(self, codes, labels, cfg_scale: float = 1.0, temperature: float = 1.0):
+        logp = (self.logits[labels] / temperature).log_softmax(-1)
+        return logp.gather(-1, codes.flatten(1)[..., None]).squeeze(-1).sum(1)
+
+    def loss(self, codes, labels, generator) -> torch.Tensor:
+        return -self.log_prob(codes, labels).mean() / codes[0].numel()
+
+    @torch.no_grad()
+    def sample(self, labels, generator, temperature: float = 1.0, cfg_scale: float = 1.0):
+        probs = (self.logits[labels] / temperature).softmax(-1).flatten(0, 1)
+        codes = torch.multinomial(probs, 1, generator=generator)
+        return codes.view(len(labels), *self.grid)
+
+
+class CellTableKind(PriorKind):
+    name = "cell_table"
+    module = CellTable
+
+    def from_params(self, cfg, space) -> dict[str, Any]:
+        return {
+            "vocab_size": space.codebook_size,
+            "grid": space.grid,
+            "num_classes": space.num_classes,
+        }
+
+    def sampling(self, cfg) -> dict[str, Any]:
+        return {"temperature": cfg.temperature}
+
+    def validate(self, net, settings, x, labels, seed) -> dict[str, float]:
+        return {"val_nll_per_code": float(net.loss(x, labels, None))}
+
+    def sample_codes(self, gen, labels, generator, **s: Any) -> torch.Tensor:
+        return gen.prior.sample(labels, generator, temperature=s.get("temperature", 1.0))
+
+
+PARAMS = {
+    "tokenizer": {"channels": [4, 8], "num_res_blocks": 0, "embed_dim": 4, "codebook_size": 8},
+    "prior": {
+        "kind": "cell_table",
+        "samples_per_class": 2,
+        "optim": {"steps": 30, "batch_size": 16, "lr": 0.05, "warmup_steps": 1},
+    },
+    "finetune": {"steps": 3, "prompts_per_step": 2, "group_size": 3, "lr": 0.05},
+}
+
+
+@pytest.fixture
+def kind(monkeypatch):
+    monkeypatch.setitem(PRIOR_KINDS, CellTableKind.name, CellTableKind())
+    return PRIOR_KINDS[CellTableKind.name]
+
+
+def test_params_accept_only_registered_kinds(kind):
+    assert parse_params(PARAMS).prior.kind == "cell_table"
+    with pytest.raises(ParamsError, match="prior.kind: unknown prior kind 'maskgit'"):
+        parse_params({"prior": {"kind": "maskgit"}})
+
+
+def _inputs(root: Path, params) -> None:
+    """What the prior stage reads: a tokenizer, codes made by it and the evaluator judge."""
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(params).eval()
+    save_model(
+        root / "models/tokenizer/model.pt",
+        "tokenizer",
+        params.tokenizer.arch(params.prepare.channels),
+        tokenizer,
+    )
+    grid = tokenizer.grid(params.prepare.image_size)
+    g = np.random.default_rng(0)
+    for split, n in (("train", 60), ("val", 12)):
+        folder = root / "data/codes" / split
+        folder.mkdir(parents=True)
+        labels = np.arange(n) % CLASSES
+        codes = (labels[:, None, None] * 2 + g.integers(0, 2, (n, *grid))) % 8  # class-typed
+        np.save(folder / "codes.npy", codes.astype(np.int64))
+        np.save(folder / "labels.npy", labels.astype(np.int64))
+    card = {"codebook_size": 8, "grid": list(grid)}
+    (root / "data/codes/card.json").write_text(json.dumps(card))
+    arch = {"arch": "mlp", "in_channels": 1, "image_size": 8, "num_classes": CLASSES, "width": 8}
+    judge = Classifier(**arch, dropout=0.0)
+    save_model(root / "models/judges/evaluator.pt", "classifier", {**arch, "dropout": 0.0}, judge)
+
+
+def test_a_kind_defined_here_trains_finetunes_and_serves(kind, tmp_path, mlflow_uri, one_thread):
+    params = parse_params(PARAMS)
+    _inputs(tmp_path, params)
+
+    metrics = prior.run(prior.SPEC.view(params), tmp_path)  # the prior stage, as DVC runs it
+    assert metrics["val_nll_per_code"] < np.log(8) - 0.3  # learned the class-typed codes
+    tokenizer_file = tmp_path / "models/tokenizer/model.pt"
+    prior_file = tmp_path / "models/prior/prior.pt"
+    gen = load_generator(tokenizer_file, prior_file)
+    assert gen.spec is kind and isinstance(gen.prior, CellTable)
+
+    # finetune's RL: the kind's policy (the default whole-sample one) moves the prior
+    policy, reference = finetune.make_policy(gen, params.finetune)
+    gen.prior.requires_grad_(True)
+    before = {k: v.clone() for k, v in policy.net.state_dict().items()}
+    reward = WeightedReward({"dark": 1.0}, {"dark": lambda images, labels: -images.mean((1, 2, 3))})
+    result = finetune.train(
+        policy, reward, params.finetune, CLASSES, torch.Generator().manual_seed(0)
+    )
+    assert result.steps_run == 3
+    assert not torch.equal(policy.net.logits, before["logits"])
+    assert torch.equal(reference.logits, before["logits"])
+
+    # the registered generator rebuilds the kind from its two files
+    model = GeneratorModel()
+    model.load_context(
+        SimpleNamespace(artifacts={"tokenizer": tokenizer_file, "prior": prior_file})
+    )
+    frame = pd.DataFrame({"label": [0, 2, 0], "seed": [5, 5, 5]})
+    images = model.predict(None, frame)
+    assert images.shape == (3, 1, 8, 8) and images.dtype == np.float32
+    assert np.array_equal(images[0], images[2]) and 0 <= images.min() <= images.max() <= 1
+
+
+def test_a_prior_file_of_an_unregistered_kind_is_refused(kind, tmp_path, mlflow_uri):
+    params = parse_params(PARAMS)
+    _inputs(tmp_path, params)
+    prior.run(prior.SPEC.view(params), tmp_path)
+    del PRIOR_KINDS[CellTableKind.name]
+    with pytest.raises(ValueError, match="prior file without a valid prior_kind"):
+        load_generator(tmp_path / "models/tokenizer/model.pt", tmp_path / "models/prior/prior.pt")
+    assert prior_kind("ar").name == "ar"
