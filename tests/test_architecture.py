@@ -8,6 +8,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import yaml
 
 from genpipe import dvcyaml
 from genpipe.config import ParamsError, parse_params
@@ -84,8 +85,6 @@ def test_dvc_yaml_is_written_from_the_stage_specs():
 
 
 def test_code_deps_cover_what_each_stage_imports():
-    import yaml
-
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for name in STAGES:
         deps = set(stages[name]["deps"])
@@ -100,8 +99,6 @@ def test_code_deps_cover_what_each_stage_imports():
 
 
 def test_params_in_dvc_yaml_are_the_specs_params():
-    import yaml
-
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for name in STAGES:
         assert stages[name]["params"] == ["base", *load(name).SPEC.params]
@@ -138,3 +135,14 @@ def test_a_stage_reading_an_undeclared_section_is_refused():
     assert pretrain.tokenizer.channels == [32, 64]
     with pytest.raises(ParamsError, match="reads params `tokenizer.codebook_size`"):
         _ = pretrain.tokenizer.codebook_size
+
+
+def test_reward_entry_points_become_finetune_code_deps(tmp_path):
+    (tmp_path / "my_rewards.py").write_text("def ink(images, labels):\n    return images.mean()\n")
+    (tmp_path / "params.yaml").write_text(
+        "finetune:\n  rewards: {ink: 1.0}\n  reward_entry_points: {ink: 'my_rewards:ink'}\n"
+    )
+    (tmp_path / "src").symlink_to(SRC)
+    stages = yaml.safe_load(dvcyaml.render(tmp_path))["stages"]
+    assert "my_rewards.py" in stages["finetune"]["deps"]
+    assert "my_rewards.py" not in stages["evaluate"]["deps"]

@@ -7,7 +7,8 @@ for every module imported from it; a package that finds its modules with
 `pkgutil.iter_modules(__path__)`, as models/priors does, imports all of them). Imports inside
 a params validator (config's check of prior kinds and reward names) do not count: they can
 refuse a params file but never change what a stage writes, and counting them would tie every
-stage to every prior kind and reward. `genpipe dvc-yaml` writes the file, `--check` fails
+stage to every prior kind and reward. A spec's `entry_points` add the user's own modules
+named in params.yaml (custom rewards). `genpipe dvc-yaml` writes the file, `--check` fails
 when it is out of date (a test runs the check).
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from genpipe.config import PARAMS_FILE, Params, load_params
 from genpipe.spec import StageSpec
 from genpipe.stages import STAGES, load
 
@@ -134,8 +136,21 @@ def code_deps(module: str, src: Path = SRC) -> list[Path]:
     return sorted(seen.values())
 
 
-def stage_entry(spec: StageSpec, root: Path = Path(".")) -> dict[str, Any]:
+def entry_point_files(spec: StageSpec, params: Params | None, root: Path) -> list[Path]:
+    """Source files of the user modules named by `spec.entry_points` in params.yaml (as
+    rewards.load_entry_point imports them: from the project root)."""
+    if spec.entry_points is None or params is None:
+        return []
+    entries = params.pick(spec.entry_points)[spec.entry_points]
+    modules = sorted({value.partition(":")[0] for value in entries.values()})
+    return [p for m in modules if (p := module_path(m, root)) is not None]
+
+
+def stage_entry(
+    spec: StageSpec, root: Path = Path("."), params: Params | None = None
+) -> dict[str, Any]:
     modules = code_deps(f"{PACKAGE}.stages.{spec.name}", root / SRC)
+    modules += entry_point_files(spec, params, root)
     code = [p.relative_to(root).as_posix() for p in modules]
     entry: dict[str, Any] = {
         "cmd": CMD.format(name=spec.name),
@@ -154,8 +169,10 @@ def stage_entry(spec: StageSpec, root: Path = Path(".")) -> dict[str, Any]:
 
 
 def render(root: Path = Path(".")) -> str:
-    """dvc.yaml for the project at `root` (its code deps read from root/src)."""
-    stages = {name: stage_entry(load(name).SPEC, root) for name in STAGES}
+    """dvc.yaml for the project at `root` (its code deps read from root/src, entry points
+    from root/params.yaml)."""
+    params = load_params(root / PARAMS_FILE) if (root / PARAMS_FILE).is_file() else None
+    stages = {name: stage_entry(load(name).SPEC, root, params) for name in STAGES}
     body = yaml.safe_dump(
         {"stages": stages, "plots": PLOTS}, sort_keys=False, default_flow_style=False, width=100
     )

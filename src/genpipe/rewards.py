@@ -19,7 +19,8 @@ project root (or installed), name it under `finetune.reward_entry_points` and we
       rewards: {class_confidence: 1.0, ink: 0.5}
       reward_entry_points: {ink: "my_rewards:ink"}   # my_rewards.py: def ink(images, labels)
 
-and add the module to the `finetune` stage's deps in dvc.yaml so DVC re-runs it on edits.
+and run `genpipe dvc-yaml`: it adds the module to the `finetune` stage's deps, so DVC
+re-runs the stage when you edit it.
 """
 
 from __future__ import annotations

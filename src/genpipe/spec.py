@@ -30,7 +30,9 @@ CHECKPOINTS = Path("checkpoints")
 class StageSpec:
     """`params`: sections (`prior`) or dotted keys (`tokenizer.channels`) the stage reads
     besides `base`; `deps`: files and folders other stages make; `outs`: what DVC caches;
-    `metrics` and `plots`: uncached outputs; `cache` False keeps `outs` out of DVC's cache."""
+    `metrics` and `plots`: uncached outputs; `cache` False keeps `outs` out of DVC's cache;
+    `entry_points`: a dotted params key of {name: "module:function"} whose modules (the
+    user's own code, e.g. rewards) are code deps too."""
 
     name: str
     params: tuple[str, ...]
@@ -39,6 +41,7 @@ class StageSpec:
     metrics: Path | None = None
     plots: Path | None = None
     cache: bool = True
+    entry_points: str | None = None
 
     @property
     def written(self) -> tuple[Path, ...]:

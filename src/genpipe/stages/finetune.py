@@ -48,6 +48,7 @@ SPEC = StageSpec(
     outs=(artifacts.FINETUNE,),
     metrics=artifacts.metrics("finetune"),
     plots=artifacts.plots("finetune"),
+    entry_points="finetune.reward_entry_points",
 )
 
 
