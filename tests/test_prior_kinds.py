@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from genpipe.artifacts.generator import load_generator
-from genpipe.artifacts.tokenizer import build_tokenizer
+from genpipe.artifacts.tokenizer import build_tokenizer, tokenizer_arch
 from genpipe.config import ParamsError, parse_params
 from genpipe.modelio import save_model
 from genpipe.models.classifier import Classifier
@@ -101,7 +101,7 @@ def _inputs(root: Path, params) -> None:
     save_model(
         root / "models/tokenizer/model.pt",
         "tokenizer",
-        params.tokenizer.arch(params.prepare.channels),
+        tokenizer_arch(params),
         tokenizer,
     )
     grid = tokenizer.grid(params.prepare.image_size)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from genpipe.artifacts.judges import judge_arch
 from genpipe.checkpoint import Checkpoint
 from genpipe.config import parse_params
 from genpipe.models.priors import prior_kind
@@ -68,7 +69,7 @@ def test_judges_resume_to_the_same_bytes(tmp_path, one_thread):
     evaluator = {"arch": "cnn", "seed": 2, "dropout": 0.5, "width": 8, "optim": OPTIM}
     params = parse_params({"judges": {"evaluator": evaluator}})
     cfg = params.judges.evaluator
-    arch = judges.judge_arch(cfg, params, 3)
+    arch = judge_arch(cfg, params, 3)
     x = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     y = torch.arange(40) % 3
     checkpoint = Checkpoint(tmp_path / "judges" / "evaluator.pt", "fingerprint", EVERY)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from genpipe.artifacts.tokenizer import build_tokenizer, load_tokenizer
+from genpipe.artifacts.tokenizer import build_tokenizer, load_tokenizer, tokenizer_arch
 from genpipe.config import parse_params
 from genpipe.data.prepared import load_split
 from genpipe.data.raw import write_raw
@@ -86,7 +86,7 @@ def test_checkpoint_for_other_params_is_not_resumed(prepared):
 def test_model_file_for_another_architecture_is_refused(tmp_path):
     params = parse_params(TINY)
     model = build_tokenizer(params)
-    save_model(tmp_path / "model.pt", "tokenizer", params.tokenizer.arch(1), model)
+    save_model(tmp_path / "model.pt", "tokenizer", tokenizer_arch(params), model)
     other = parse_params({"tokenizer": {**TINY["tokenizer"], "codebook_size": 32}})
     with pytest.raises(ModelFileError, match="codebook_size"):
         load_tokenizer(tmp_path / "model.pt", other)

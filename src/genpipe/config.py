@@ -113,29 +113,6 @@ class Tokenizer(Section):
     def downsample(self) -> int:
         return 2 ** (len(self.channels) - 1)
 
-    def arch(self, in_channels: int) -> dict[str, Any]:
-        """Constructor arguments of `VQAutoencoder`, as recorded in its model file."""
-        common = {
-            "in_channels": in_channels,
-            "channels": tuple(self.channels),
-            "num_res_blocks": self.num_res_blocks,
-            "embed_dim": self.embed_dim,
-            "quantizer": self.quantizer,
-        }
-        if self.quantizer == "fsq":
-            return {**common, "levels": tuple(self.fsq_levels)}
-        return {
-            **common,
-            "codebook_size": self.codebook_size,
-            "code_dim": self.code_dim,
-            "beta": self.beta,
-            "ema": self.ema,
-            "decay": self.decay,
-            "kmeans_init": self.kmeans_init,
-            "dead_code_threshold": self.dead_code_threshold,
-            "cosine": self.cosine,
-        }
-
 
 class Pretrain(Section):
     method: Literal["simclr", "mae"] = "simclr"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from genpipe.artifacts import JUDGES
+from genpipe.config import Judge, Params
 from genpipe.modelio import ModelFileError, load_model
 from genpipe.models.classifier import Classifier
 
@@ -20,3 +22,15 @@ def load_judge(root: Path, role: str, num_classes: int) -> Classifier:
             f"{num_classes}; re-run `dvc repro`"
         )
     return model.requires_grad_(False)  # load_model returns it in eval mode
+
+
+def judge_arch(cfg: Judge, params: Params, num_classes: int) -> dict[str, Any]:
+    """Constructor arguments of a judge `Classifier`, as recorded in its model file."""
+    return {
+        "arch": cfg.arch,
+        "in_channels": params.prepare.channels,
+        "image_size": params.prepare.image_size,
+        "num_classes": num_classes,
+        "width": cfg.width,
+        "dropout": cfg.dropout,
+    }

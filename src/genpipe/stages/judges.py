@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from genpipe import artifacts
+from genpipe.artifacts.judges import judge_arch
 from genpipe.checkpoint import Checkpoint
 from genpipe.config import Judge, Params
 from genpipe.data.prepared import load_split
@@ -30,17 +31,6 @@ SPEC = StageSpec(
     outs=(artifacts.JUDGES,),
     metrics=artifacts.metrics("judges"),
 )
-
-
-def judge_arch(cfg: Judge, params: Params, num_classes: int) -> dict[str, Any]:
-    return {
-        "arch": cfg.arch,
-        "in_channels": params.prepare.channels,
-        "image_size": params.prepare.image_size,
-        "num_classes": num_classes,
-        "width": cfg.width,
-        "dropout": cfg.dropout,
-    }
 
 
 def train_judge(

@@ -13,7 +13,7 @@ from torch import nn
 
 from genpipe import artifacts, viz
 from genpipe.artifacts.encoder import load_ssl_encoder
-from genpipe.artifacts.tokenizer import build_tokenizer
+from genpipe.artifacts.tokenizer import build_tokenizer, tokenizer_arch
 from genpipe.config import Params
 from genpipe.data.prepared import load_split
 from genpipe.evaluation import reconstruction
@@ -138,7 +138,7 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         save_model(
             out / "model.pt",
             "tokenizer",
-            cfg.arch(params.prepare.channels),
+            tokenizer_arch(params),
             model,
             grid=model.grid(params.prepare.image_size),
         )
