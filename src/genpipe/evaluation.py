@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
+    from genpipe.config import Evaluate
     from genpipe.generator import Generator
     from genpipe.models.tokenizer import VQAutoencoder
 
@@ -148,13 +149,12 @@ def score(
     evaluator: nn.Module,
     test_x: torch.Tensor,
     floor_x: torch.Tensor,
-    per_class: int,
+    cfg: Evaluate,
     num_classes: int,
     seed: int,
-    knn_k: int,
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """All sample metrics of one generator, and its samples."""
-    images, labels, codes = generate(gen, per_class, num_classes, seed)
+    """All sample metrics of one generator (cfg.samples_per_class per class), and its samples."""
+    images, labels, codes = generate(gen, cfg.samples_per_class, num_classes, seed)
     extractor = FeatureExtractor(evaluator)
     fid_value = fid(extractor, test_x, images)
     floor = fid(extractor, test_x, floor_x)
@@ -163,7 +163,7 @@ def score(
         "fid": fid_value,
         "fid_floor": floor,
         "fid_ratio": fid_value / max(floor, 1e-9),
-        **precision_recall(real_f, fake_f, knn_k),
+        **precision_recall(real_f, fake_f, cfg.knn_k),
         "class_consistency": class_consistency(evaluator, images, labels),
         "diversity": mean_pairwise_distance(fake_f),
         "code_entropy_bits": code_entropy(codes, gen.tokenizer.codebook_size),

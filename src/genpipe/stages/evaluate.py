@@ -45,14 +45,7 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
         for name, gen in gens.items():
             metrics[name], images = evaluation.score(
-                gen,
-                evaluator,
-                test_x,
-                floor_x,
-                cfg.samples_per_class,
-                num_classes,
-                params.base.seed,
-                cfg.knn_k,
+                gen, evaluator, test_x, floor_x, cfg, num_classes, params.base.seed
             )
             grid = viz.class_grid(images, cfg.samples_per_class, num_classes)
             viz.save_png(grid, plots / f"samples_{name}.png")

@@ -42,14 +42,7 @@ def _score(gen: Generator, params: Params, root: Path) -> dict[str, float]:
     evaluator = load_judge(root, "evaluator", num_classes)
     floor_x = evaluation.floor_sample(train_x, train_y, cfg.samples_per_class, params.base.seed)
     metrics, _ = evaluation.score(
-        gen,
-        evaluator,
-        test_x,
-        floor_x,
-        cfg.samples_per_class,
-        num_classes,
-        params.base.seed,
-        cfg.knn_k,
+        gen, evaluator, test_x, floor_x, cfg, num_classes, params.base.seed
     )
     return metrics
 

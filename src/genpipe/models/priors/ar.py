@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genpipe.models.priors.base import CodeSpace, PriorKind
+from genpipe.models.priors.base import (
+    RNG,
+    CodeSpace,
+    Metrics,
+    PriorKind,
+    Settings,
+    Tensor,
+    transformer_arch,
+)
 
 if TYPE_CHECKING:
     from genpipe.config import Prior
@@ -346,11 +354,7 @@ class ARKind(PriorKind):
     def from_params(self, cfg: Prior, space: CodeSpace) -> dict[str, Any]:
         return {
             "vocab_size": space.codebook_size,
-            "grid": space.grid,
-            "num_classes": space.num_classes,
-            "dim": cfg.dim,
-            "depth": cfg.depth,
-            "heads": cfg.heads,
+            **transformer_arch(cfg, space),
             "dropout": cfg.dropout,
             "class_dropout": cfg.class_dropout,
             "pos": cfg.pos,
@@ -365,23 +369,16 @@ class ARKind(PriorKind):
         }
 
     def validate(
-        self,
-        net: nn.Module,
-        settings: dict[str, Any] | None,
-        x: torch.Tensor,
-        labels: torch.Tensor,
-        seed: int,
-    ) -> dict[str, float]:
+        self, net: nn.Module, settings: Settings, x: Tensor, y: Tensor, seed: int
+    ) -> Metrics:
         assert isinstance(net, ARPrior)
-        return {"val_nll_bits_per_code": net.nll_bits_per_code(x, labels)}
+        return {"val_nll_bits_per_code": net.nll_bits_per_code(x, y)}
 
-    def sample_codes(
-        self, gen: Generator, labels: torch.Tensor, generator: torch.Generator, **s: Any
-    ) -> torch.Tensor:
+    def sample_codes(self, gen: Generator, labels: Tensor, rng: RNG, **s: Any) -> Tensor:
         assert isinstance(gen.prior, ARPrior)
         return gen.prior.sample(
             labels,
-            generator,
+            rng,
             temperature=s.get("temperature", 1.0),
             top_k=s.get("top_k"),
             top_p=s.get("top_p"),

@@ -24,6 +24,12 @@ if TYPE_CHECKING:
     from genpipe.models.tokenizer import VQAutoencoder
 
 
+Tensor = torch.Tensor
+RNG = torch.Generator
+Settings = dict[str, Any] | None  # a kind's recorded settings besides sampling (`settings`)
+Metrics = dict[str, float]
+
+
 class PriorFileError(ValueError):
     """A prior does not fit the tokenizer it is paired with."""
 
@@ -36,6 +42,18 @@ class CodeSpace:
     grid: tuple[int, int]
     latent_dim: int
     num_classes: int
+
+
+def transformer_arch(cfg: Prior, space: CodeSpace) -> dict[str, Any]:
+    """Constructor arguments a transformer-shaped prior shares: its grid, its classes and the
+    size of its trunk (`prior.dim`, `depth`, `heads`)."""
+    return {
+        "grid": space.grid,
+        "num_classes": space.num_classes,
+        "dim": cfg.dim,
+        "depth": cfg.depth,
+        "heads": cfg.heads,
+    }
 
 
 class PriorKind:
@@ -64,37 +82,21 @@ class PriorKind:
         """Statistics of the training codes that sampling needs (added to `sampling`)."""
         return {}
 
-    def inputs(
-        self, tokenizer: VQAutoencoder, codes: torch.Tensor, sampling: dict[str, Any]
-    ) -> torch.Tensor:
+    def inputs(self, tokenizer: VQAutoencoder, codes: Tensor, sampling: dict[str, Any]) -> Tensor:
         """What the net trains on, from code grids (N, h, w): the codes themselves here."""
         return codes
 
-    def loss(
-        self,
-        net: nn.Module,
-        settings: dict[str, Any] | None,
-        x: torch.Tensor,
-        labels: torch.Tensor,
-        generator: torch.Generator,
-    ) -> torch.Tensor:
+    def loss(self, net: nn.Module, settings: Settings, x: Tensor, y: Tensor, rng: RNG) -> Tensor:
         """The training loss of one batch; the module's own `loss` here."""
-        return net.loss(x, labels, generator)  # type: ignore[operator]
+        return net.loss(x, y, rng)  # type: ignore[operator]
 
     def validate(
-        self,
-        net: nn.Module,
-        settings: dict[str, Any] | None,
-        x: torch.Tensor,
-        labels: torch.Tensor,
-        seed: int,
-    ) -> dict[str, float]:
+        self, net: nn.Module, settings: Settings, x: Tensor, y: Tensor, seed: int
+    ) -> Metrics:
         """Held-out metrics of the trained net (eval mode, no grad)."""
         raise NotImplementedError
 
-    def sample_codes(
-        self, gen: Generator, labels: torch.Tensor, generator: torch.Generator, **sampling: Any
-    ) -> torch.Tensor:
+    def sample_codes(self, gen: Generator, labels: Tensor, rng: RNG, **sampling: Any) -> Tensor:
         """Code grids (B, h, w) for `labels` (B,), with `sampling` settings."""
         raise NotImplementedError
 

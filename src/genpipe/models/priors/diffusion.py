@@ -23,7 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genpipe.models.priors.base import CodeSpace, PriorFileError, PriorKind
+from genpipe.models.priors.base import (
+    RNG,
+    CodeSpace,
+    Metrics,
+    PriorFileError,
+    PriorKind,
+    Settings,
+    Tensor,
+    transformer_arch,
+)
 from genpipe.rl import Rollout
 
 if TYPE_CHECKING:
@@ -590,11 +599,7 @@ class DiffusionKind(PriorKind):
     def from_params(self, cfg: Prior, space: CodeSpace) -> dict[str, Any]:
         return {
             "latent_dim": space.latent_dim,
-            "grid": space.grid,
-            "num_classes": space.num_classes,
-            "dim": cfg.dim,
-            "depth": cfg.depth,
-            "heads": cfg.heads,
+            **transformer_arch(cfg, space),
             "class_dropout": cfg.class_dropout,
         }
 
@@ -618,46 +623,30 @@ class DiffusionKind(PriorKind):
             latents = tokenizer.codes_to_latent(train_codes)
         return {"latent_shift": float(latents.mean()), "latent_scale": float(latents.std())}
 
-    def inputs(
-        self, tokenizer: VQAutoencoder, codes: torch.Tensor, sampling: dict[str, Any]
-    ) -> torch.Tensor:
+    def inputs(self, tokenizer: VQAutoencoder, codes: Tensor, sampling: dict[str, Any]) -> Tensor:
         with torch.no_grad():
             latents = tokenizer.codes_to_latent(codes)
         return (latents - sampling["latent_shift"]) / sampling["latent_scale"]
 
-    def loss(
-        self,
-        net: nn.Module,
-        settings: dict[str, Any] | None,
-        x: torch.Tensor,
-        labels: torch.Tensor,
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        return make_formulation(**(settings or {})).loss(net, x, labels, generator)  # type: ignore[arg-type]
+    def loss(self, net: nn.Module, settings: Settings, x: Tensor, y: Tensor, rng: RNG) -> Tensor:
+        return make_formulation(**(settings or {})).loss(net, x, y, rng)  # type: ignore[arg-type]
 
     def validate(
-        self,
-        net: nn.Module,
-        settings: dict[str, Any] | None,
-        x: torch.Tensor,
-        labels: torch.Tensor,
-        seed: int,
-    ) -> dict[str, float]:
+        self, net: nn.Module, settings: Settings, x: Tensor, y: Tensor, seed: int
+    ) -> Metrics:
         """The training loss at fixed noise draws."""
         form = make_formulation(**(settings or {}))
         g = torch.Generator(x.device).manual_seed(seed + 1)
-        losses = [float(form.loss(net, x, labels, g)) for _ in range(8)]  # type: ignore[arg-type]
+        losses = [float(form.loss(net, x, y, g)) for _ in range(8)]  # type: ignore[arg-type]
         return {"val_loss": sum(losses) / len(losses)}
 
-    def sample_codes(
-        self, gen: Generator, labels: torch.Tensor, generator: torch.Generator, **s: Any
-    ) -> torch.Tensor:
+    def sample_codes(self, gen: Generator, labels: Tensor, rng: RNG, **s: Any) -> Tensor:
         assert isinstance(gen.prior, Denoiser) and gen.formulation is not None
         latents = sample(
             gen.prior,
             make_formulation(**gen.formulation),
             labels,
-            generator,
+            rng,
             steps=s.get("steps", 20),
             sampler=s.get("sampler", "euler"),
             cfg_scale=s.get("cfg_scale", 1.0),
