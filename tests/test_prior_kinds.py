@@ -129,7 +129,7 @@ def test_a_kind_defined_here_trains_finetunes_and_serves(kind, tmp_path, mlflow_
     tokenizer_file = tmp_path / "models/tokenizer/model.pt"
     prior_file = tmp_path / "models/prior/prior.pt"
     gen = load_generator(tokenizer_file, prior_file)
-    assert gen.spec is kind and isinstance(gen.prior, CellTable)
+    assert gen.kind_of is kind and isinstance(gen.prior, CellTable)
 
     # finetune's RL: the kind's policy (the default whole-sample one) moves the prior
     policy, reference = finetune.make_policy(gen, params.finetune)

@@ -22,7 +22,8 @@ from genpipe.models.tokenizer import VQAutoencoder
 class Generator(nn.Module):
     """`sampling` holds the sampler settings recorded with the prior (e.g. cfg_scale,
     temperature for ar; sampler, steps, eta and the latent normalisation for diffusion);
-    `formulation` the kind's other recorded settings (the diffusion formulation)."""
+    `formulation` the kind's other recorded settings (the diffusion formulation); `kind_of`
+    the prior's kind (models/priors), which knows how to sample it."""
 
     def __init__(
         self,
@@ -33,7 +34,7 @@ class Generator(nn.Module):
         formulation: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.spec = prior_kind(kind)
+        self.kind_of = prior_kind(kind)
         self.tokenizer, self.prior, self.kind = tokenizer.eval(), prior.eval(), kind
         self.sampling = dict(sampling)
         self.formulation = dict(formulation) if formulation else None
@@ -42,7 +43,7 @@ class Generator(nn.Module):
     def sample_codes(
         self, labels: torch.Tensor, generator: torch.Generator, **overrides: Any
     ) -> torch.Tensor:
-        return self.spec.sample_codes(self, labels, generator, **{**self.sampling, **overrides})
+        return self.kind_of.sample_codes(self, labels, generator, **{**self.sampling, **overrides})
 
     @torch.no_grad()
     def forward(

@@ -59,7 +59,7 @@ def make_policy(gen: Generator, cfg: Finetune) -> tuple[Policy, nn.Module]:
     cfg_scale = cfg.cfg_scale
     if cfg_scale is None:
         cfg_scale = float(gen.sampling.get("cfg_scale", 1.0))
-    return gen.spec.policy(gen, reference, cfg, cfg_scale), reference
+    return gen.kind_of.policy(gen, reference, cfg, cfg_scale), reference
 
 
 def prompts(step: int, cfg: Finetune, num_classes: int, device: torch.device) -> torch.Tensor:

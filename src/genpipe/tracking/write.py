@@ -94,14 +94,15 @@ class StageRun:
 def stage_run(
     stage: str,
     params: Params,
-    sections: tuple[str, ...],
+    keys: tuple[str, ...],
     deps: list[Path],
     root: Path | None = None,
     outs: list[Path] | None = None,
 ) -> Iterator[StageRun]:
     """An MLflow run for one stage execution, tagged with everything needed to reproduce it.
 
-    `deps` are the stage's input files/folders; their md5s (DVC's scheme) and the run ids in
+    `keys`: the params sections (or dotted keys) the stage reads, logged and hashed with
+    `base`. `deps` are the stage's input files/folders; their md5s (DVC's scheme) and the run ids in
     their meta.json become tags. After the body, the md5 of every file of `outs` (but the
     run-specific meta.json) is logged as `lineage/outputs.json`: what an audit re-run must
     reproduce byte for byte. The run ends FAILED if the body raises.
@@ -120,8 +121,8 @@ def stage_run(
         "stage": stage,
         "git_commit": git["commit"],
         "git_dirty": git["dirty"],
-        "params_hash": params.digest(*sections),
-        "params": params.pick("base", *sections),
+        "params_hash": params.digest(*keys),
+        "params": params.pick("base", *keys),
         "deps": dep_md5,
         "upstream_runs": upstream,
         "seed": seed,
@@ -140,7 +141,7 @@ def stage_run(
     start = time.perf_counter()
     with mlflow.start_run(run_name=stage, tags={k: str(v) for k, v in tags.items()}) as run:
         meta["run_id"] = run.info.run_id
-        mlflow.log_params(store.flatten(params.pick("base", *sections)))
+        mlflow.log_params(store.flatten(params.pick("base", *keys)))
         handle = StageRun(mlflow, run.info.run_id, stage, meta)
         yield handle
         mlflow.log_metric("wall_seconds", time.perf_counter() - start)
