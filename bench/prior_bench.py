@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 import torch
 
+from genpipe.models.diffusion import SAMPLERS, make_formulation, sample
 from genpipe.models.priors.ar import ARPrior
-from genpipe.models.priors.diffusion import SAMPLERS, Denoiser, make_formulation, sample
+from genpipe.models.priors.diffusion import Denoiser
 
 # the prior defaults (params.yaml `prior`): AR and diffusion architectures
 AR_ARCH = dict(dim=64, depth=3, heads=4, dropout=0.1, pos="learned")

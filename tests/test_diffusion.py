@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 
-from genpipe.models.priors import diffusion
-from genpipe.models.priors.diffusion import (
+from genpipe.models import diffusion
+from genpipe.models.diffusion import (
     DDPM,
     EDM,
     FORMULATIONS,
     SAMPLERS,
-    Denoiser,
     FlowMatching,
     ddim_step,
     ddpm_target,
@@ -27,6 +26,7 @@ from genpipe.models.priors.diffusion import (
     step_log_prob,
     vp_alpha_sigma,
 )
+from genpipe.models.priors.diffusion import Denoiser
 
 D, GRID, CLASSES = 4, (3, 4), 5
 

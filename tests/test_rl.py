@@ -12,8 +12,9 @@ from genpipe import rl
 from genpipe.checkpoint import Checkpoint
 from genpipe.config import Finetune, ParamsError, parse_params
 from genpipe.generator import Generator
-from genpipe.models.priors import diffusion
+from genpipe.models import diffusion
 from genpipe.models.priors.ar import ARPrior
+from genpipe.models.priors.diffusion import Denoiser
 from genpipe.models.tokenizer import VQAutoencoder
 from genpipe.rewards import (
     BUILTINS,
@@ -249,10 +250,10 @@ def tiny_tokenizer() -> VQAutoencoder:
     return VQAutoencoder(1, (4, 8), 0, 4, "vq", codebook_size=8, kmeans_init=False).eval()
 
 
-def tiny_denoiser() -> diffusion.Denoiser:
+def tiny_denoiser() -> Denoiser:
     """Output layers randomised: a fresh adaLN-Zero net outputs exactly 0."""
     torch.manual_seed(0)
-    net = diffusion.Denoiser(4, (2, 2), CLASSES, dim=16, depth=1, heads=2).eval()
+    net = Denoiser(4, (2, 2), CLASSES, dim=16, depth=1, heads=2).eval()
     with torch.no_grad():
         for name, p in net.named_parameters():
             if "modulation" in name or name.startswith("out."):
