@@ -68,7 +68,8 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         for role in artifacts.JUDGE_ROLES:
             cfg: Judge = getattr(params.judges, role)
             arch = judge_arch(cfg, params, num_classes)
-            checkpoint = ctx.checkpoint.part(role, cfg.optim.checkpoint_every)
+            every = cfg.optim.checkpoint_every if ctx.world.is_main else 0
+            checkpoint = ctx.checkpoint.part(role, every)
             model, history = train_judge(cfg, arch, train_x, train_y, ctx.device, checkpoint)
             model = model.cpu()
             acc = class_consistency(model, test_x, test_y)
