@@ -19,7 +19,7 @@ from genpipe.artifacts.tokenizer import build_tokenizer, tokenizer_arch
 from genpipe.config import ParamsError, parse_params
 from genpipe.modelio import save_model
 from genpipe.models.classifier import Classifier
-from genpipe.models.priors import PRIOR_KINDS, prior_kind
+from genpipe.models.priors import PRIOR_KINDS, prior_kind, register
 from genpipe.models.priors.base import PriorKind
 from genpipe.registry import GeneratorModel
 from genpipe.rewards import WeightedReward
@@ -83,9 +83,9 @@ PARAMS = {
 
 
 @pytest.fixture
-def kind(monkeypatch):
-    monkeypatch.setitem(PRIOR_KINDS, CellTableKind.name, CellTableKind())
-    return PRIOR_KINDS[CellTableKind.name]
+def kind():
+    yield register(CellTableKind())
+    PRIOR_KINDS.pop(CellTableKind.name, None)
 
 
 def test_params_accept_only_registered_kinds(kind):
