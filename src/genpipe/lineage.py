@@ -14,8 +14,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 META_FILE = "meta.json"
 # Files the pipeline itself rewrites; changes there are results, not code edits (DVC also
 # appends its outputs to .gitignore files).
@@ -78,18 +76,6 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return found
-
-
-def dvc_lock_md5s(root: Path, stage: str) -> dict[str, str]:
-    """The md5 of each dep and out of `stage` as dvc.lock last recorded them."""
-    lock = root / "dvc.lock"
-    if not lock.is_file():
-        return {}
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    entry = stages.get(stage, {})
-    return {
-        item["path"]: item.get("md5", "") for key in ("deps", "outs") for item in entry.get(key, [])
-    }
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
