@@ -9,6 +9,7 @@ from pathlib import Path
 
 from genpipe.config import ParamsError, load_params
 from genpipe.data.raw import DataError
+from genpipe.data.sources import SOURCES
 
 
 def stage_names() -> list[str]:
@@ -102,8 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="data_cmd", required=True
     )
     fetch = data.add_parser("fetch", help="export a source to data/raw in the canonical format")
-    fetch.add_argument("source", choices=["digits", "mnist", "fashion_mnist", "cifar10", "folder"])
-    fetch.add_argument("--path", help="local copy / download root (torchvision) or image folder")
+    fetch.add_argument("source", choices=list(SOURCES))
+    fetch.add_argument(
+        "--path", help="MNIST idx files, torchvision root (local copy / download) or image folder"
+    )
     fetch.add_argument("--out", default="data/raw")
     fetch.set_defaults(func=cmd_data_fetch)
 
