@@ -140,3 +140,14 @@ def test_split_is_deterministic_stratified_and_disjoint():
     for split, frac in (("train", 0.7), ("val", 0.15), ("test", 0.15)):
         counts = np.bincount(labels[a[split]], minlength=5)
         assert (counts == round(frac * 40)).all()
+
+
+def test_bad_test_indices_in_manifest_are_named(tmp_path):
+    import json
+
+    root = _write(load_source("digits"), tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    for bad in ([5, 3], [0, 1797], "all"):
+        (root / "manifest.json").write_text(json.dumps({**manifest, "test_indices": bad}))
+        with pytest.raises(DataError, match=r"manifest.json: test_indices must"):
+            read_raw(root)
