@@ -10,9 +10,10 @@ import pytest
 
 from genpipe.cli import main
 from genpipe.config import parse_params
+from genpipe.data.catalog import SOURCES
 from genpipe.data.mnist import MNIST_MD5, mnist
 from genpipe.data.raw import DataError, read_raw, write_raw
-from genpipe.data.sources import SOURCES, load_source
+from genpipe.data.sources import load_source, loader
 from genpipe.data.splits import split_indices
 from genpipe.stages import prepare
 
@@ -139,6 +140,7 @@ def test_params_and_cli_take_source_names_from_the_one_list():
     data_cmd = next(a for a in build_parser()._actions if a.dest == "command").choices["data"]
     fetch = next(a for a in data_cmd._actions if a.dest == "data_cmd").choices["fetch"]
     assert next(a for a in fetch._actions if a.dest == "source").choices == list(SOURCES)
+    assert all(callable(loader(name)) for name in SOURCES)  # each entry names a real loader
 
 
 @pytest.mark.skipif(

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from genpipe.config import ParamsError, load_params
+from genpipe.data.catalog import SOURCES
 from genpipe.data.raw import DataError
-from genpipe.data.sources import SOURCES
 
 
 def stage_names() -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from genpipe.data.sources import SOURCES
+from genpipe.data.catalog import SOURCES
 
 PARAMS_FILE = "params.yaml"
 SourceName = Literal[tuple(SOURCES)]  # type: ignore[valid-type]  # the one list of sources

@@ -4,11 +4,12 @@
 the four idx files (see `mnist.py`). The other torchvision sources read an existing local copy
 under `path` and download only when it is missing (and the network allows). `folder` reads an
 image folder with one sub-folder per class. Sources with an official test set record it.
-`SOURCES` is the one list of source names: params and the CLI take theirs from it.
+`catalog.SOURCES` lists them all.
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from genpipe.data.catalog import SOURCES
 from genpipe.data.classes import check_classes
-from genpipe.data.mnist import mnist
 from genpipe.data.raw import DataError, RawDataset
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm"}
@@ -161,20 +162,21 @@ def _pixels(im: Image.Image, file: Path) -> np.ndarray:
     return np.rint(values * (255.0 / top)).astype(np.uint8)
 
 
-SOURCES: dict[str, Callable[[Path | None], RawDataset]] = {
-    "digits": digits,
-    "mnist": mnist,
-    "fashion_mnist": _torchvision("fashion_mnist", "FashionMNIST"),
-    "cifar10": _torchvision("cifar10", "CIFAR10"),
-    "folder": folder,
-}
+fashion_mnist = _torchvision("fashion_mnist", "FashionMNIST")
+cifar10 = _torchvision("cifar10", "CIFAR10")
+
+
+def loader(name: str) -> Callable[[Path | None], RawDataset]:
+    """The loader `catalog.SOURCES` names for `name`."""
+    if name not in SOURCES:
+        raise DataError(f"unknown data source {name!r}; choose one of {sorted(SOURCES)}")
+    module, function = SOURCES[name].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def load_source(name: str, path: Path | None = None) -> RawDataset:
     """Load a source and check that every class can fill every split, before it is written."""
-    if name not in SOURCES:
-        raise DataError(f"unknown data source {name!r}; choose one of {sorted(SOURCES)}")
-    data = SOURCES[name](path)
+    data = loader(name)(path)
     check_classes(
         data.labels, data.classes, data.test_indices, f"{name} ({path})" if path else name
     )
