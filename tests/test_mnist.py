@@ -153,3 +153,14 @@ def test_real_mnist_counts_and_classes():
     train_counts = np.bincount(data.labels[:60_000]).tolist()
     assert train_counts == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     assert np.bincount(data.labels[60_000:]).sum() == 10_000
+
+
+@pytest.mark.parametrize(("train", "test"), [(1, 1), (2, 0)])
+def test_official_split_needs_two_train_and_one_test_image_per_class(train, test):
+    from genpipe.data.classes import check_classes
+
+    labels = np.array([0] * 5 + [1] * train + [0] * 2 + [1] * test)
+    test_indices = list(range(5 + train, len(labels)))
+    with pytest.raises(DataError, match=rf"here: class '1' has {train} image.*and {test} in it"):
+        check_classes(labels, ["0", "1"], test_indices, "here")
+    check_classes(np.array([0] * 5 + [1] * 2 + [0, 1]), ["0", "1"], [7, 8], "here")  # enough
