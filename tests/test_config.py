@@ -71,3 +71,38 @@ def test_bad_params_stop_the_stage_cli_before_work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["stage", "prepare"]) == 2
     assert not (tmp_path / "data").exists()
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-4` as a string; DVC (YAML 1.2) and users read a float."""
+    path = tmp_path / "params.yaml"
+    path.write_text("tokenizer:\n  optim:\n    lr: 1e-4\nfinetune:\n  lr: 5E-5\n")
+    params = load_params(path)
+    assert params.tokenizer.optim.lr == 1e-4 and params.finetune.lr == 5e-5
+    path.write_text("tokenizer:\n  optim:\n    steps: 1e3\n")  # an int knob stays an int
+    with pytest.raises(ParamsError, match=r"- tokenizer.optim.steps: .*valid integer"):
+        load_params(path)
+    path.write_text("tokenizer:\n  optim:\n    lr: '1e-4'\n")  # quoted is still a string
+    with pytest.raises(ParamsError, match=r"- tokenizer.optim.lr: .*valid number"):
+        load_params(path)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key"),
+    [
+        ("prior:\n  temperature: .inf\n", "prior.temperature"),
+        ("finetune:\n  kl_bound: .inf\n", "finetune.kl_bound"),
+        ("tokenizer:\n  optim:\n    lr: .nan\n", "tokenizer.optim.lr"),
+        ("prior:\n  top_p: .nan\n", "prior.top_p"),
+        (
+            "finetune:\n  rewards:\n    class_confidence: -.inf\n",
+            "finetune.rewards.class_confidence",
+        ),
+        ("tokenizer:\n  beta: .NaN\n", "tokenizer.beta"),
+    ],
+)
+def test_inf_and_nan_are_refused_with_the_dotted_key(tmp_path, yaml_text, key):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ParamsError, match=rf"- {key}: Input should be a finite number"):
+        load_params(path)

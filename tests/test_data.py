@@ -55,20 +55,18 @@ def _idx(path: Path, arr: np.ndarray) -> None:
     path.write_bytes(header + arr.astype(np.uint8).tobytes())
 
 
-@pytest.mark.parametrize(
-    ("source", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")]
-)
-def test_torchvision_mnist_format_from_local_files(tmp_path, source, folder):
-    raw_dir = tmp_path / folder / "raw"
+def test_fashion_mnist_from_torchvision_layout_keeps_the_official_test_set(tmp_path):
+    raw_dir = tmp_path / "FashionMNIST" / "raw"
     raw_dir.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for prefix, n in (("train", 12), ("t10k", 5)):
+    for prefix, n in (("train", 30), ("t10k", 10)):
         _idx(raw_dir / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         _idx(raw_dir / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
-    data = load_source(source, tmp_path)
-    assert len(data.images) == 17 and data.images[0].shape == (28, 28, 1)
-    assert data.labels[:12].tolist() == (np.arange(12) % 10).tolist()
-    assert data.origins[12] == "test:0" and len(data.classes) == 10
+    data = load_source("fashion_mnist", tmp_path)
+    assert len(data.images) == 40 and data.images[0].shape == (28, 28, 1)
+    assert data.labels[:30].tolist() == (np.arange(30) % 10).tolist()
+    assert data.origins[30] == "test:0" and len(data.classes) == 10
+    assert data.test_indices == list(range(30, 40))
 
 
 def test_cifar10_from_local_files(tmp_path, monkeypatch):
@@ -78,20 +76,21 @@ def test_cifar10_from_local_files(tmp_path, monkeypatch):
     base.mkdir()
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), "labels": [1, 2]}
+        batch = {"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8), "labels": [*range(10)]}
         (base / name).write_bytes(pickle.dumps(batch))
     meta = {"label_names": [f"c{i}" for i in range(10)]}
     (base / "batches.meta").write_bytes(pickle.dumps(meta))
     # our files cannot carry the official md5s, which torchvision checks
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
     data = load_source("cifar10", tmp_path)
-    assert len(data.images) == 12 and data.images[0].shape == (32, 32, 3)
-    assert data.classes[2] == "c2" and set(data.labels.tolist()) == {1, 2}
+    assert len(data.images) == 60 and data.images[0].shape == (32, 32, 3)
+    assert data.classes[2] == "c2" and data.labels[:12].tolist() == [*range(10), 0, 1]
+    assert data.test_indices == list(range(50, 60))
 
 
 def test_torchvision_source_offline_without_files_says_what_to_do(tmp_path):
-    with pytest.raises(DataError, match="put the MNIST files there"):
-        load_source("mnist", tmp_path / "empty")
+    with pytest.raises(DataError, match="put the FashionMNIST files there"):
+        load_source("fashion_mnist", tmp_path / "empty")
 
 
 def _folder(tmp_path: Path) -> Path:
@@ -141,3 +140,14 @@ def test_split_is_deterministic_stratified_and_disjoint():
     for split, frac in (("train", 0.7), ("val", 0.15), ("test", 0.15)):
         counts = np.bincount(labels[a[split]], minlength=5)
         assert (counts == round(frac * 40)).all()
+
+
+def test_bad_test_indices_in_manifest_are_named(tmp_path):
+    import json
+
+    root = _write(load_source("digits"), tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    for bad in ([5, 3], [0, 1797], "all"):
+        (root / "manifest.json").write_text(json.dumps({**manifest, "test_indices": bad}))
+        with pytest.raises(DataError, match=r"manifest.json: test_indices must"):
+            read_raw(root)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from genpipe.config import ParamsError, load_params
+from genpipe.data.catalog import SOURCES
 from genpipe.data.raw import DataError
 from genpipe.stages import STAGES
 
@@ -108,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="data_cmd", required=True
     )
     fetch = data.add_parser("fetch", help="export a source to data/raw in the canonical format")
-    fetch.add_argument("source", choices=["digits", "mnist", "fashion_mnist", "cifar10", "folder"])
-    fetch.add_argument("--path", help="local copy / download root (torchvision) or image folder")
+    fetch.add_argument("source", choices=list(SOURCES))
+    fetch.add_argument(
+        "--path", help="MNIST idx files, torchvision root (local copy / download) or image folder"
+    )
     fetch.add_argument("--out", default="data/raw")
     fetch.set_defaults(func=cmd_data_fetch)
 

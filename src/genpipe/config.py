@@ -24,7 +24,10 @@ from pydantic import (
     model_validator,
 )
 
+from genpipe.data.catalog import SOURCES
+
 PARAMS_FILE = "params.yaml"
+SourceName = Literal[tuple(SOURCES)]  # type: ignore[valid-type]  # the one list of sources
 
 
 class ParamsError(ValueError):
@@ -36,13 +39,14 @@ warnings.filterwarnings("ignore", message='Field name "register"', category=User
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # no float knob means anything at inf or NaN; "disable" is spelled 0 (or null) instead
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Base(Section):
     seed: int = Field(0, ge=0, description="seed for every random draw of every stage")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    source: Literal["digits", "mnist", "fashion_mnist", "cifar10", "folder"] = "digits"
+    source: SourceName = "digits"
     source_path: str | None = Field(None, description="folder or download root for the source")
 
 
@@ -245,14 +249,12 @@ class Finetune(Section):
                     f"reward_entry_points.{name}: expected 'module:function', got {spec!r}"
                 )
         allowed = ", ".join(sorted({*BUILTINS, *self.reward_entry_points}))
-        for name, weight in self.rewards.items():
+        for name in self.rewards:
             if name not in BUILTINS and name not in self.reward_entry_points:
                 raise ValueError(
                     f"rewards.{name}: unknown reward; allowed: {allowed} "
                     "(add your own under finetune.reward_entry_points)"
                 )
-            if not math.isfinite(weight):
-                raise ValueError(f"rewards.{name}: weight must be finite (got {weight})")
         return self
 
 
@@ -336,12 +338,27 @@ def parse_params(raw: Any, path: Path = Path(PARAMS_FILE)) -> Params:
         raise ParamsError(_format_errors(exc, path)) from None
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that `1e-4` is a float (as in YAML 1.2, and in DVC, which
+    reads params.yaml with ruamel), not the string YAML 1.1 makes of an exponent without a dot."""
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def read_params_yaml(text: str) -> Any:
+    """params.yaml text -> plain data, `1e-4` read as a float; raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: not found; run from the project root or pass --params")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_params_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
     return parse_params(raw, path)

@@ -3,10 +3,16 @@
 A model file is `{"kind", "arch", "state_dict", "extra"}` written by torch.save. `arch` holds
 the constructor arguments, so a file can rebuild its own module, and a stage can check that
 a file matches what its params ask for before using it.
+
+Model files also arrive from a DVC remote or an MLflow server, so they are read with
+`weights_only=True`: tensors and plain data only. A pickle that would construct anything else
+(and so could run code) is refused before any of it runs.
 """
 
 from __future__ import annotations
 
+import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +38,16 @@ def read_model_file(path: Path, kind: str) -> dict[str, Any]:
     if not path.is_file():
         raise ModelFileError(f"{path}: missing; run the stage that makes it (`dvc repro`)")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # the restricted unpickler stopped
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if found is None:  # garbage, not a foreign object: torch's text advises weights_only=False
+            raise ModelFileError(f"{path}: unreadable model file; re-run its stage") from None
+        raise ModelFileError(
+            f"{path}: refused: it holds a Python object ({found.group(1)}) beyond weights and "
+            "plain data, which loading would run. genpipe does not write such files: re-run "
+            "its stage, or fetch the file again from a source you trust"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message
         raise ModelFileError(f"{path}: unreadable model file ({exc}); re-run its stage") from None
     if not isinstance(blob, dict) or blob.get("kind") != kind:

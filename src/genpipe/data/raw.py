@@ -7,7 +7,10 @@ any machine:
 - pixels.npy   uint8, all images' pixels concatenated (HWC order, image after image)
 - shapes.npy   int64 (N, 3): each image's (height, width, channels); sizes may differ
 - labels.npy   int64 (N,): class index into classes.json
-- manifest.json  source, class names, and per-image origin (file path for folders)
+- manifest.json  source, class names, per-image origin (file path for folders) and, for
+                 sources with an official test set (MNIST, ...), `test_indices`: the sorted
+                 indices of its images, which `prepare` keeps as the test split. Sources
+                 without one leave the key out, so their bytes are unchanged.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class RawDataset:
     classes: list[str]
     source: str
     origins: list[str]  # where each image came from (file path, or "split:index")
+    test_indices: list[int] | None = None  # the source's official test images, if it has them
 
     def __post_init__(self) -> None:
         if not (len(self.images) == len(self.labels) == len(self.origins)):
@@ -40,6 +44,22 @@ class RawDataset:
                 f"{self.source}: {len(self.images)} images, {len(self.labels)} labels and "
                 f"{len(self.origins)} origins must have the same length"
             )
+        problem = _bad_test_indices(self.test_indices, len(self.images))
+        if problem:
+            raise DataError(f"{self.source}: test_indices {problem}")
+
+
+def _bad_test_indices(indices: object, n: int) -> str | None:
+    """Why `indices` is not a sorted list of distinct image indices below `n` (None if it is)."""
+    if indices is None:
+        return None
+    if not isinstance(indices, list) or not all(type(i) is int for i in indices):
+        return "must be a list of image indices"
+    if any(b <= a for a, b in zip(indices, indices[1:])) or (
+        indices and not 0 <= indices[0] <= indices[-1] < n
+    ):
+        return f"must be sorted, distinct and within 0..{n - 1}"
+    return None
 
 
 def write_raw(data: RawDataset, out: Path) -> None:
@@ -56,7 +76,13 @@ def write_raw(data: RawDataset, out: Path) -> None:
     np.save(tmp / "pixels.npy", pixels.astype(np.uint8), allow_pickle=False)
     np.save(tmp / "shapes.npy", shapes, allow_pickle=False)
     np.save(tmp / "labels.npy", data.labels.astype(np.int64), allow_pickle=False)
-    manifest = {"source": data.source, "classes": data.classes, "origins": data.origins}
+    manifest: dict[str, object] = {
+        "source": data.source,
+        "classes": data.classes,
+        "origins": data.origins,
+    }
+    if data.test_indices is not None:
+        manifest["test_indices"] = data.test_indices
     (tmp / "manifest.json").write_text(json.dumps(manifest, sort_keys=True, indent=0) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -83,6 +109,7 @@ def read_raw(root: Path) -> RawDataset:
     try:
         manifest = json.loads(manifest_path.read_text())
         classes, origins, source = manifest["classes"], manifest["origins"], manifest["source"]
+        test_indices = manifest.get("test_indices")
     except FileNotFoundError:
         raise DataError(f"{manifest_path}: missing; re-create data/raw") from None
     except (ValueError, KeyError, TypeError) as exc:
@@ -98,8 +125,10 @@ def read_raw(root: Path) -> RawDataset:
         raise DataError(f"{root / 'pixels.npy'}: size does not match shapes.npy (truncated?)")
     if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
         raise DataError(f"{root / 'labels.npy'}: labels outside 0..{len(classes) - 1}")
+    if problem := _bad_test_indices(test_indices, len(labels)):
+        raise DataError(f"{manifest_path}: test_indices {problem}; restore it")
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     images = [
         pixels[offsets[i] : offsets[i + 1]].reshape(tuple(shapes[i])) for i in range(len(shapes))
     ]
-    return RawDataset(images, labels, list(classes), source, list(origins))
+    return RawDataset(images, labels, list(classes), source, list(origins), test_indices)

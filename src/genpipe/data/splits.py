@@ -12,19 +12,58 @@ from genpipe.data.raw import DataError, RawDataset
 def stratified_split(
     labels: np.ndarray, train_frac: float, val_frac: float, seed: int
 ) -> dict[str, np.ndarray]:
-    """Per class: a seeded permutation cut at the fractions. Sorted indices per split, so the
-    order on disk is the source order; every class appears in every split when it can."""
+    """Per class: a seeded permutation cut at the fractions, with at least one image in each
+    split (a class needs 3, see `classes.py`). Sorted indices per split, so the order on disk
+    is the source order."""
     rng = np.random.Generator(np.random.PCG64(seed))
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     for cls in np.unique(labels):
         idx = np.flatnonzero(labels == cls)
         idx = idx[rng.permutation(len(idx))]
-        n_train = int(round(train_frac * len(idx)))
-        n_val = int(round(val_frac * len(idx)))
+        n = len(idx)
+        n_val = _one_to(round(val_frac * n), n - 2)  # leave one for train and one for test
+        n_train = _one_to(round(train_frac * n), n - n_val - 1)
         parts["train"].append(idx[:n_train])
         parts["val"].append(idx[n_train : n_train + n_val])
         parts["test"].append(idx[n_train + n_val :])
     return {k: np.sort(np.concatenate(v)).astype(np.int64) for k, v in parts.items()}
+
+
+def official_split(
+    labels: np.ndarray, test_indices: list[int], val_frac: float, seed: int
+) -> dict[str, np.ndarray]:
+    """The source's own test set as test; val drawn per class from the rest by `val_frac`
+    (at least one image per class), train the remainder. `train_frac` plays no part."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    in_test = np.zeros(len(labels), bool)
+    in_test[test_indices] = True
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    for cls in np.unique(labels):
+        idx = np.flatnonzero((labels == cls) & ~in_test)
+        idx = idx[rng.permutation(len(idx))]
+        n_val = _one_to(round(val_frac * len(idx)), len(idx) - 1)
+        parts["val"].append(idx[:n_val])
+        parts["train"].append(idx[n_val:])
+    split = {k: np.sort(np.concatenate(v)).astype(np.int64) for k, v in parts.items()}
+    return {**split, "test": np.flatnonzero(in_test).astype(np.int64)}
+
+
+def _one_to(count: int, most: int) -> int:
+    """`count` kept within 1..most, so a small class still gives every split an image."""
+    return min(max(1, count), most)
+
+
+def split_indices(
+    labels: np.ndarray,
+    test_indices: list[int] | None,
+    train_frac: float,
+    val_frac: float,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """The official split when the source has a test set, else the stratified one."""
+    if test_indices is not None:
+        return official_split(labels, test_indices, val_frac, seed)
+    return stratified_split(labels, train_frac, val_frac, seed)
 
 
 def to_tensor_images(data: RawDataset, image_size: int, channels: int) -> np.ndarray:

@@ -10,9 +10,10 @@ import numpy as np
 
 from genpipe import artifacts, viz
 from genpipe.config import Params
+from genpipe.data.classes import check_classes
 from genpipe.data.prepared import SPLITS, write_split
-from genpipe.data.raw import DataError, read_raw
-from genpipe.data.splits import stratified_split, to_tensor_images
+from genpipe.data.raw import read_raw
+from genpipe.data.splits import split_indices, to_tensor_images
 from genpipe.outputs import write_json
 from genpipe.spec import StageSpec
 
@@ -23,17 +24,6 @@ SPEC = StageSpec(
     outs=(artifacts.PREPARED,),
     metrics=artifacts.metrics("prepare"),
 )
-MIN_PER_CLASS = 3  # one image per split at least
-
-
-def validate_classes(labels: np.ndarray, classes: list[str]) -> None:
-    counts = np.bincount(labels, minlength=len(classes))
-    for name, count in zip(classes, counts):
-        if count < MIN_PER_CLASS:
-            raise DataError(
-                f"class '{name}' has {count} image(s); every class needs at least "
-                f"{MIN_PER_CLASS} (one per split): add images or remove the class folder"
-            )
 
 
 def build_card(
@@ -61,9 +51,12 @@ def build_card(
 def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     cfg = params.prepare
     raw = read_raw(root / artifacts.RAW)
-    validate_classes(raw.labels, raw.classes)
+    check_classes(raw.labels, raw.classes, raw.test_indices, str(artifacts.RAW))
     images = to_tensor_images(raw, cfg.image_size, cfg.channels)
-    index = stratified_split(raw.labels, cfg.train_frac, cfg.val_frac, params.base.seed)
+    # a source's official test set stays the test split (then train_frac plays no part)
+    index = split_indices(
+        raw.labels, raw.test_indices, cfg.train_frac, cfg.val_frac, params.base.seed
+    )
     splits = {s: (images[index[s]], raw.labels[index[s]]) for s in SPLITS}
     card = build_card(splits, raw.classes, raw.source)
 
