@@ -4,6 +4,8 @@ For each generator: N samples per class (seeded); FID in the evaluator's penulti
 space against the test split, with its floor (FID of as many real train images against the
 same test split) and their ratio; k-NN precision/recall; class consistency; diversity
 (mean pairwise feature distance, entropy of the codes); plus the tokenizer's reconstructions.
+FID ratio, precision, recall and class consistency get 95% bootstrap intervals (`*_ci_low`,
+`*_ci_high`; see genpipe.evaluation_intervals).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 import torch
 
-from genpipe import evaluation, tracking, viz
+from genpipe import evaluation, evaluation_intervals, tracking, viz
 from genpipe.config import Params
 from genpipe.data.prepared import PREPARED, load_split
 from genpipe.generator import Generator, load_generator
@@ -70,11 +72,19 @@ def score(
     fid = evaluation.fid(extractor, test_x, images)
     floor = evaluation.fid(extractor, test_x, floor_x)
     fake_f, real_f = evaluation.features(extractor, images), evaluation.features(extractor, test_x)
+    floor_f, preds = (
+        evaluation.features(extractor, floor_x),
+        evaluation.predictions(evaluator, images),
+    )
+    cis = evaluation_intervals.sample_intervals(
+        real_f, fake_f, floor_f, preds, labels, knn_k, seed=seed
+    )
     return {
         "fid": fid,
         "fid_floor": floor,
         "fid_ratio": fid / max(floor, 1e-9),
-        **evaluation.precision_recall(real_f, fake_f, knn_k),
+        **evaluation.precision_recall(real_f, fake_f, knn_k, seed),
+        **{f"{k}_ci_{end}": getattr(iv, end) for k, iv in cis.items() for end in ("low", "high")},
         "class_consistency": evaluation.class_consistency(evaluator, images, labels),
         "diversity": evaluation.mean_pairwise_distance(fake_f),
         "code_entropy_bits": evaluation.code_entropy(codes, gen.tokenizer.codebook_size),
