@@ -51,8 +51,9 @@ def frechet_distance(
     """||mu1 - mu2||^2 + tr(cov1 + cov2 - 2 (cov1 cov2)^(1/2)), the Frechet (2-Wasserstein)
     distance squared between N(mu1, cov1) and N(mu2, cov2). The trace of the root is taken as
     tr (cov1^(1/2) cov2 cov1^(1/2))^(1/2): a symmetric matrix, so its eigenvalues are real."""
-    root1 = _sqrtm_psd(cov1.double())
-    middle = root1 @ cov2.double() @ root1
+    cov1, cov2 = cov1.double(), cov2.double()
+    root1 = _sqrtm_psd(cov1)
+    middle = root1 @ cov2 @ root1
     cross = torch.linalg.eigvalsh((middle + middle.t()) / 2).clamp_min(0).sqrt().sum()
     means = (mu1.double() - mu2.double()).square().sum()
     return float(means + cov1.trace() + cov2.trace() - 2 * cross)
@@ -123,7 +124,10 @@ def precision_recall(
     seeded): the estimate assumes sets of equal size."""
     real, fake = equal_size(real, fake, seed)
     if not 1 <= k < len(real):
-        raise ValueError(f"knn_k must be in [1, {len(real) - 1}] for sets of {len(real)}, got {k}")
+        raise ValueError(
+            f"evaluate.knn_k must be in [1, {len(real) - 1}] for sets of {len(real)} samples, "
+            f"got {k}: lower it or raise evaluate.samples_per_class"
+        )
     ids = torch.arange(len(real))
     return precision_recall_from_distances(
         torch.cdist(real, real), torch.cdist(fake, fake), torch.cdist(fake, real), k, ids, ids
