@@ -108,6 +108,28 @@ def test_dead_codes_restart_onto_batch_vectors() -> None:
         assert (vq.codebook[k] - flat).norm(dim=1).min() < 1e-6, f"code {k} not on a batch vector"
 
 
+@pytest.mark.parametrize("cosine", [False, True])
+def test_gradient_trained_codebook_restarts_dead_codes_and_backpropagates(cosine: bool) -> None:
+    """ema=False: the restart edits the codebook parameter in place during forward; backward
+    must still run (a cosine codebook's normalisation used to need the unedited tensor)."""
+    vq = VectorQuantizer(8, 8, ema=False, cosine=cosine, kmeans_init=False, dead_code_threshold=0.5)
+    vq.train()
+    with torch.no_grad():  # codes 4..7 unused so far: their usage is below the threshold
+        vq.cluster_size[4:] = 0.0
+    kept = vq.codebook.detach()[:4].clone()
+    z = _grid(b=2).requires_grad_(True)
+    torch.manual_seed(0)
+    z_q, _, loss, _ = vq(z)
+    (z_q.pow(2).sum() + loss).backward()
+    assert torch.isfinite(vq.codebook.grad).all() and vq.codebook.grad.abs().sum() > 0
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+    flat = vq._project_flat(z.detach())
+    assert torch.equal(vq.codebook.detach()[:4], kept)
+    for k in range(4, 8):
+        assert (vq.codebook.detach()[k] - flat).norm(dim=1).min() < 1e-6, f"code {k} not restarted"
+    assert (vq.cluster_size[4:] == 0.5).all()
+
+
 def test_restart_is_deterministic_given_torch_rng_state() -> None:
     def run() -> torch.Tensor:
         vq = VectorQuantizer(8, 64, dead_code_threshold=2.0)

@@ -310,6 +310,39 @@ def test_kl_bound_stops_early_and_keeps_the_best_batch_within_it(window):
     assert result.best["reward"] == max(r["reward_mean_window"] for r in within)
 
 
+def test_window_mean_averages_every_row_while_fewer_than_the_window():
+    rows = [{"kl": float(v)} for v in (0, 4, 8, 2, 6, 10)]
+    # window 5: rows 0..3 average all rows so far, then the last five
+    expected = [0.0, 2.0, 4.0, 3.5, 4.0, 6.0]
+    got = [finetune.window_mean(rows[: i + 1], "kl", 5) for i in range(len(rows))]
+    assert got == pytest.approx(expected)
+    assert finetune.window_mean(rows, "kl", 1) == 10.0
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        finetune.window_mean(rows, "kl", 0)
+
+
+def test_rail_window_counts_every_early_batch_before_stopping():
+    """Window 5 over steps 0..4, where fewer batches than the window exist: a window that
+    dropped early batches (low KL, the policy still near the prior) would stop too soon."""
+    gen = tiny_generator("ar")
+    policy, _ = finetune.make_policy(gen, CFG)
+    cfg = CFG.model_copy(
+        update={"steps": 10, "lr": 0.01, "beta": 0.0, "kl_bound": 1.0, "rail_window": 5}
+    )
+    reward = WeightedReward({"brightness": 1.0}, {"brightness": brightness})
+    result = finetune.train(policy, reward, cfg, CLASSES, torch.Generator().manual_seed(0))
+    history = result.history
+    for i, row in enumerate(history):
+        recent = history[max(0, i - 4) : i + 1]
+        assert row["kl_window"] == pytest.approx(sum(r["kl"] for r in recent) / len(recent))
+        assert row["reward_mean_window"] == pytest.approx(
+            sum(r["reward_mean"] for r in recent) / len(recent)
+        )
+    assert len(history) > 4, "the run must reach a full window to test the early steps"
+    assert all(r["kl_window"] <= cfg.kl_bound for r in history[:-1])
+    assert result.stopped_early == (history[-1]["kl_window"] > cfg.kl_bound)
+
+
 def test_resume_from_a_checkpoint_gives_the_same_result(tmp_path):
     cfg = CFG.model_copy(update={"checkpoint_every": 2})
     reward = WeightedReward({"brightness": 1.0}, {"brightness": brightness})

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from genpipe.models.priors import ar as transformer
 from genpipe.models.priors.ar import (
     ARPrior,
     KVCache,
@@ -66,17 +67,43 @@ def test_logits_are_causal():
 
 @pytest.mark.parametrize("pos", ["rope2d", "learned"])
 @pytest.mark.parametrize("cfg", [1.0, 2.5])
-def test_sampling_with_and_without_cache_is_identical(pos, cfg):
+def test_sampling_with_and_without_cache_matches_step_by_step(pos, cfg, monkeypatch):
+    """At every step of the same prefix both paths give the same distribution and draw the
+    same number of uniforms, for every seed. Draws themselves are not compared: the paths
+    sum in different orders (~1e-6 apart), so a uniform within that of a CDF step may fall
+    either way (seed 3 did once in 240 draws)."""
     model = make(pos)
     labels = torch.arange(CLASSES).repeat(4)
     kw = dict(temperature=1.0, top_k=20, cfg_scale=cfg)
-    # The two paths agree to ~1e-6 in probability, so a draw can only differ if its uniform
-    # lands within ~1e-6 of a CDF step (seed 3 happens to do that once in 240 draws).
-    a = model.sample(labels, torch.Generator().manual_seed(4), use_cache=True, **kw)
-    b = model.sample(labels, torch.Generator().manual_seed(4), use_cache=False, **kw)
-    assert a.shape == (20, *GRID) and a.dtype == torch.long
-    assert a.min() >= 0 and a.max() < K
-    assert torch.equal(a, b)
+    draw = transformer.sample_categorical
+
+    def run(seed: int, use_cache: bool, forced: list[torch.Tensor] | None):
+        """Sample, recording each step's probabilities; `forced` replaces the draws (after
+        drawing, so the generator advances as usual) to keep the prefix of another run."""
+        seen, draws = [], []
+
+        def recording(probs, generator):
+            drawn = draw(probs, generator)
+            drawn = forced[len(seen)] if forced is not None else drawn
+            seen.append(probs)
+            draws.append(drawn)
+            return drawn
+
+        monkeypatch.setattr(transformer, "sample_categorical", recording)
+        g = torch.Generator().manual_seed(seed)
+        codes = model.sample(labels, g, use_cache=use_cache, **kw)
+        return codes, seen, draws, g.get_state()
+
+    for seed in range(6):
+        cached, probs_c, draws_c, state_c = run(seed, True, None)
+        uncached, probs_u, _, state_u = run(seed, False, draws_c)
+        assert cached.shape == (20, *GRID) and cached.dtype == torch.long
+        assert cached.min() >= 0 and cached.max() < K
+        assert torch.equal(cached, uncached)  # the forced prefix was followed
+        assert len(probs_c) == len(probs_u) == model.seq_len
+        for i, (pc, pu) in enumerate(zip(probs_c, probs_u)):
+            torch.testing.assert_close(pc, pu, atol=1e-5, rtol=1e-5, msg=f"step {i}")
+        assert torch.equal(state_c, state_u), "the two paths consume the generator differently"
 
 
 def test_sampling_determinism_under_seed():

@@ -1,8 +1,10 @@
 """Sample-quality measures, computed in the evaluator judge's feature space, and the one way
 a generator is sampled and scored (evaluate, register and finetune all use `generate`).
 
-FID uses torchmetrics' implementation with the evaluator as a custom feature extractor;
-precision/recall follow the k-NN manifold estimate (Kynkaanniemi et al. 2019).
+FID is the Frechet distance between Gaussians fitted to evaluator features (float64);
+precision/recall follow the k-NN manifold estimate (Kynkaanniemi et al. 2019) on sets of
+equal size. Measures are pure functions of per-sample features or predictions, so
+genpipe.evaluation_intervals can bootstrap them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ if TYPE_CHECKING:
 
 
 class FeatureExtractor(nn.Module):
-    """Adapts a judge classifier to torchmetrics: uint8 images in, penultimate features out."""
+    """Adapts a judge classifier: images (uint8 or float in [0, 1]) in, penultimate features
+    out, in float64."""
 
     def __init__(self, classifier: nn.Module) -> None:
         super().__init__()
@@ -35,18 +38,46 @@ class FeatureExtractor(nn.Module):
         return self.classifier.features(x).double()  # type: ignore[operator]
 
 
+def gaussian_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased (n - 1) covariance of features (N, d), in float64."""
+    if len(feats) < 2:
+        raise ValueError(f"FID needs at least 2 samples per set, got {len(feats)}")
+    x = feats.double()
+    mu = x.mean(dim=0)
+    centred = x - mu
+    return mu, centred.t() @ centred / (len(x) - 1)
+
+
+def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
+    """Square root of a symmetric positive semi-definite matrix (eigenvalues clamped at 0)."""
+    vals, vecs = torch.linalg.eigh(m)
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.t()
+
+
+def frechet_distance(
+    mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor
+) -> float:
+    """||mu1 - mu2||^2 + tr(cov1 + cov2 - 2 (cov1 cov2)^(1/2)), the Frechet (2-Wasserstein)
+    distance squared between N(mu1, cov1) and N(mu2, cov2). The trace of the root is taken as
+    tr (cov1^(1/2) cov2 cov1^(1/2))^(1/2): a symmetric matrix, so its eigenvalues are real."""
+    cov1, cov2 = cov1.double(), cov2.double()
+    root1 = _sqrtm_psd(cov1)
+    middle = root1 @ cov2 @ root1
+    cross = torch.linalg.eigvalsh((middle + middle.t()) / 2).clamp_min(0).sqrt().sum()
+    means = (mu1.double() - mu2.double()).square().sum()
+    return float(means + cov1.trace() + cov2.trace() - 2 * cross)
+
+
+def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (N, d) and (M, d)."""
+    return frechet_distance(*gaussian_stats(real), *gaussian_stats(fake))
+
+
 def fid(extractor: FeatureExtractor, real: torch.Tensor, fake: torch.Tensor) -> float:
     """Frechet distance between evaluator features of two image sets in [0, 1]."""
-    # imported here: torchmetrics pulls in torchvision, scipy and torch._dynamo (~4.5 s), which
-    # stages that only need class_consistency should not pay at start-up
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    # statistics accumulate in float64 inside torchmetrics; the extractor stays float32
-    metric = FrechetInceptionDistance(feature=extractor, normalize=True, reset_real_features=True)
-    for x, real_flag in ((real, True), (fake, False)):
-        for i in range(0, len(x), 512):
-            metric.update(x[i : i + 512].clamp(0, 1), real=real_flag)
-    return float(metric.compute())
+    return fid_from_features(
+        features(extractor, real.clamp(0, 1)), features(extractor, fake.clamp(0, 1))
+    )
 
 
 @torch.no_grad()
@@ -54,32 +85,79 @@ def features(extractor: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([extractor(images[i : i + 512]) for i in range(0, len(images), 512)]).float()
 
 
-def _radii(feats: torch.Tensor, k: int) -> torch.Tensor:
-    """Distance from each point to its k-th nearest neighbour within the same set."""
-    d = torch.cdist(feats, feats)
-    return d.kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
+def equal_size(
+    real: torch.Tensor, fake: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sets cut to the smaller one's size by a seeded subsample (without replacement,
+    order kept) of the larger: k-NN radii shrink as a set grows, so sets of unequal size
+    would make precision and recall compare manifolds drawn at different resolutions."""
+    n = min(len(real), len(fake))
+    g = torch.Generator().manual_seed(seed)
+
+    def cut(x: torch.Tensor) -> torch.Tensor:
+        return x if len(x) == n else x[torch.randperm(len(x), generator=g)[:n].sort().values]
+
+    return cut(real), cut(fake)
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict[str, float]:
-    """Precision: share of fakes inside the real manifold; recall: share of reals inside
-    the fake manifold (each manifold = union of k-NN balls around its points)."""
-    real_r, fake_r = _radii(real, k), _radii(fake, k)
-    d = torch.cdist(fake, real)  # (F, R)
-    precision = (d <= real_r[None, :]).any(dim=1).float().mean()
-    recall = (d.t() <= fake_r[None, :]).any(dim=1).float().mean()
+def knn_radii(dists: torch.Tensor, source: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance from each point to its k-th nearest neighbour within its set, given the set's
+    distance matrix; points with the same `source` index (a point itself, or its copies in a
+    bootstrap resample) do not count as neighbours."""
+    same = source[:, None] == source[None, :]
+    return dists.masked_fill(same, math.inf).kthvalue(k, dim=1).values
+
+
+def precision_recall_from_distances(
+    real_dists: torch.Tensor,
+    fake_dists: torch.Tensor,
+    cross: torch.Tensor,
+    k: int,
+    real_source: torch.Tensor,
+    fake_source: torch.Tensor,
+) -> dict[str, float]:
+    """Precision and recall from within-set distances and fake-to-real distances (F, R)."""
+    real_r = knn_radii(real_dists, real_source, k)
+    fake_r = knn_radii(fake_dists, fake_source, k)
+    precision = (cross <= real_r[None, :]).any(dim=1).float().mean()
+    recall = (cross.t() <= fake_r[None, :]).any(dim=1).float().mean()
     return {"precision": float(precision), "recall": float(recall)}
 
 
+def precision_recall(
+    real: torch.Tensor, fake: torch.Tensor, k: int = 3, seed: int = 0
+) -> dict[str, float]:
+    """Precision: share of fakes inside the real manifold; recall: share of reals inside
+    the fake manifold (each manifold = union of the balls reaching each point's k-th nearest
+    neighbour). The larger set is first subsampled to the smaller one's size (`equal_size`,
+    seeded): the estimate assumes sets of equal size."""
+    real, fake = equal_size(real, fake, seed)
+    if not 1 <= k < len(real):
+        raise ValueError(
+            f"evaluate.knn_k must be in [1, {len(real) - 1}] for sets of {len(real)} samples, "
+            f"got {k}: lower it or raise evaluate.samples_per_class"
+        )
+    ids = torch.arange(len(real))
+    return precision_recall_from_distances(
+        torch.cdist(real, real), torch.cdist(fake, fake), torch.cdist(fake, real), k, ids, ids
+    )
+
+
 @torch.no_grad()
-def class_consistency(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of images the classifier assigns to the class they were generated for."""
-    preds = torch.cat(
+def predictions(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The classifier's predicted class for each image, in batches."""
+    return torch.cat(
         [classifier(images[i : i + 512]).argmax(1) for i in range(0, len(images), 512)]
     )
-    return float((preds == labels).float().mean())
+
+
+def class_consistency(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of images the classifier assigns to the class they were generated for."""
+    return float((predictions(classifier, images) == labels).float().mean())
 
 
 def mean_pairwise_distance(feats: torch.Tensor) -> float:
+    """Diversity: mean Euclidean distance over all pairs of distinct samples (0 below 2)."""
     n = len(feats)
     if n < 2:
         return 0.0
@@ -159,11 +237,17 @@ def score(
     fid_value = fid(extractor, test_x, images)
     floor = fid(extractor, test_x, floor_x)
     fake_f, real_f = features(extractor, images), features(extractor, test_x)
+    floor_f, preds = features(extractor, floor_x), predictions(evaluator, images)
+    # intervals import this module: imported here, once the module is complete
+    from genpipe.evaluation_intervals import sample_intervals
+
+    cis = sample_intervals(real_f, fake_f, floor_f, preds, labels, cfg.knn_k, seed=seed)
     return {
         "fid": fid_value,
         "fid_floor": floor,
         "fid_ratio": fid_value / max(floor, 1e-9),
-        **precision_recall(real_f, fake_f, cfg.knn_k),
+        **precision_recall(real_f, fake_f, cfg.knn_k, seed),
+        **{f"{k}_ci_{end}": getattr(iv, end) for k, iv in cis.items() for end in ("low", "high")},
         "class_consistency": class_consistency(evaluator, images, labels),
         "diversity": mean_pairwise_distance(fake_f),
         "code_entropy_bits": code_entropy(codes, gen.tokenizer.codebook_size),

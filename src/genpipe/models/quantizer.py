@@ -118,8 +118,12 @@ class VectorQuantizer(nn.Module):
         return _channels_first(self.proj_out(_channels_last(latent)))
 
     def _codes(self) -> torch.Tensor:
-        """The codebook as used: a gradient-trained cosine codebook drifts off the unit sphere."""
-        return F.normalize(self.codebook, dim=-1) if self.cosine and not self.ema else self.codebook
+        """The codebook as used: a gradient-trained cosine codebook drifts off the unit sphere.
+        Normalised from a copy: normalize keeps its input for backward, and the dead-code
+        restart edits the parameter in place before backward runs."""
+        if self.cosine and not self.ema:
+            return F.normalize(self.codebook.clone(), dim=-1)
+        return self.codebook
 
     def codes_to_latent(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, h, w) -> code vectors (B, code_dim, h, w)."""

@@ -4,6 +4,8 @@ For each generator: N samples per class (seeded); FID in the evaluator's penulti
 space against the test split, with its floor (FID of as many real train images against the
 same test split) and their ratio; k-NN precision/recall; class consistency; diversity
 (mean pairwise feature distance, entropy of the codes); plus the tokenizer's reconstructions.
+FID ratio, precision, recall and class consistency get 95% bootstrap intervals (`*_ci_low`,
+`*_ci_high`; see genpipe.evaluation_intervals).
 """
 
 from __future__ import annotations

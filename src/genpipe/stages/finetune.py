@@ -88,6 +88,15 @@ def update(
     return {"loss": sum(losses) / len(losses), "clip_frac": sum(clips) / len(clips)}
 
 
+def window_mean(rows: list[dict[str, float]], key: str, window: int) -> float:
+    """Mean of `key` over the last `window` rows, or over all of them while there are fewer
+    (a slice start of len - window + 1 turns negative there and drops early rows)."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    recent = rows[max(0, len(rows) - window) :]
+    return sum(r[key] for r in recent) / len(recent)
+
+
 @dataclass
 class Result:
     history: list[dict[str, float]]
@@ -133,9 +142,9 @@ def train(
             "diversity": rl.group_diversity(roll.images, cfg.group_size),
             **{f"reward_{name}": float(r.mean()) for name, r in parts.items()},
         }
-        window = [*history[len(history) - cfg.rail_window + 1 :], row]
+        recent = [*history[-cfg.rail_window :], row]
         for key in ("reward_mean", "kl"):
-            row[f"{key}_window"] = sum(r[key] for r in window) / len(window)
+            row[f"{key}_window"] = window_mean(recent, key, cfg.rail_window)
         row.update(loss=math.nan, clip_frac=math.nan)
         stopped = row["kl_window"] > cfg.kl_bound
         if not stopped and row["reward_mean_window"] > best.get("reward", -math.inf):
