@@ -78,8 +78,6 @@ PLOTS: list[Any] = [
 ]
 
 
-
-
 def module_path(module: str, src: Path) -> Path | None:
     """The source file of a project module (relative to `src`'s parent), or None."""
     base = src / Path(*module.split("."))

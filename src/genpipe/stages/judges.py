@@ -84,9 +84,7 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             save_model(out / f"{role}.pt", "classifier", arch, model, role=role, seed=cfg.seed)
             run.log_history(history, prefix=f"{role}/")
             viz.write_curve(history, plots / f"loss_{role}.csv")
-            confusion = [
-                {"actual": int(a), "predicted": int(p)} for a, p in zip(test_y, predicted)
-            ]
+            confusion = [{"actual": int(a), "predicted": int(p)} for a, p in zip(test_y, predicted)]
             viz.write_curve(confusion, plots / f"confusion_{role}.csv")
             run.log_torch_model(model, role, test_x[:2].numpy())
         write_json(metrics_path, metrics)
