@@ -88,8 +88,9 @@ def build(root: Path) -> None:
     subprocess.run([*git, "commit", "-qm", "init"], cwd=root, check=True)
 
 
-def use(root: Path, name: str) -> dict[str, float]:
-    """Make prior `name` the candidate: its file as the finetuned prior and its evaluation."""
+def use(root: Path, name: str, seed: int = 0) -> dict[str, float]:
+    """Make prior `name` the candidate: its file as the finetuned prior and its evaluation
+    (samples and bootstrap drawn with `seed`)."""
     from genpipe.artifacts.generator import load_generator
     from genpipe.stages.register import _score
 
@@ -97,7 +98,7 @@ def use(root: Path, name: str) -> dict[str, float]:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes((root / f"{name}.pt").read_bytes())
     gen = load_generator(root / artifacts.TOKENIZER_FILE, target)
-    metrics = _score(gen, params(), root)
+    metrics = _score(gen, parse_params({**PARAMS, "base": {"seed": seed}}), root)
     out = root / artifacts.EVALUATION
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"finetuned": metrics}))
