@@ -196,3 +196,28 @@ def test_two_racing_registers_move_champion_once(root):
     assert sorted(r["promote"] for r in results) == [False, True]
     winner = next(r["version"] for r in results if r["promote"])
     assert _aliases()["champion"] == winner
+
+
+def test_champion_is_compare_and_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = registry.store.client()
+    client.create_registered_model(registry.MODEL_NAME)
+    for _ in range(2):
+        client.create_model_version(registry.MODEL_NAME, (tmp_path / "m").as_uri())
+    registry.move_aliases("1", True, None)
+    with pytest.raises(registry.ChampionMoved, match="from version None to 1"):
+        registry.move_aliases("2", True, None)  # decided when there was no champion
+    assert _aliases() == {"champion": "1", "candidate": "1"}
+    registry.move_aliases("2", True, "1")
+    assert _aliases() == {"champion": "2", "candidate": "2"}
+
+
+def test_a_champion_that_moves_while_deciding_is_decided_against_again(monkeypatch):
+    reads = iter(["1", "2", "2", "2"])  # moved to 2 between the first read and its check
+    monkeypatch.setattr(registry, "champion_version", lambda: next(reads))
+    monkeypatch.setattr(registry, "champion", lambda: (registry.champion_version(), None))
+    scored = {"1": {**METRICS, "fid_ratio": 9.0}, "2": {**METRICS, "fid_ratio": 0.5}}
+    calls = iter(["1", "2"])
+    monkeypatch.setattr(register, "_score", lambda gen, params, root: scored[next(calls)])
+    found, champion, decision = register._settle(METRICS, project.params(), Path("."))
+    assert found == "2" and champion == scored["2"] and not decision.promote
