@@ -183,12 +183,20 @@ def test_a_dirty_tree_is_not_promoted(root):
 
 
 def test_two_racing_registers_move_champion_once(root):
+    # two checkouts (as two clones or `dvc exp run --temp` copies) on one MLflow store
     project.use(root, "good")
+    other = root.with_name("other")
+    shutil.copytree(root, other)
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{REPO}"}
-    cmd = [sys.executable, "-m", "tests.promotion_project", str(root)]
     procs = [
-        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.promotion_project", str(here)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for here in (root, other)
     ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
