@@ -229,3 +229,17 @@ def test_a_champion_that_moves_while_deciding_is_decided_against_again(monkeypat
     monkeypatch.setattr(register, "_score", lambda gen, params, root: scored[next(calls)])
     found, champion, decision = register._settle(METRICS, project.params(), Path("."))
     assert found == "2" and champion == scored["2"] and not decision.promote
+
+
+def test_only_main_or_the_flow_may_promote(built, tmp_path, monkeypatch):
+    here = tmp_path / "project"
+    shutil.copytree(built, here)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.delenv(registry.PROMOTION_FLOW_ENV, raising=False)
+    assert register.workspace(here)["blocked"] is None  # clean, on main
+    subprocess.run(["git", "checkout", "-qb", "feature"], cwd=here, check=True)
+    assert "branch 'feature'" in register.workspace(here)["blocked"]
+    monkeypatch.setenv(registry.PROMOTION_FLOW_ENV, "1")
+    assert register.workspace(here)["blocked"] is None
+    (here / "README").write_text("edited\n")
+    assert "unauditable" in register.workspace(here)["blocked"]  # the flow needs a clean tree
