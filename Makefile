@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum
 export PATH := $(BIN):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data repro test lint ui mlflow-ui prefect-ui serve clean
+.PHONY: setup data preset repro test lint ui mlflow-ui prefect-ui serve clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP):
 
 data: setup
 	genpipe data ensure
+
+# Switch params.yaml to a preset: make preset NAME=mnist (README: Presets)
+preset: setup
+	genpipe preset $(NAME)
 
 repro: data
 	python -m flows.pipeline

@@ -65,7 +65,8 @@ def test_mlflow_run_carries_lineage(pipeline):
 
 def test_dataset_card_counts(pipeline):
     repo, _, _ = pipeline
-    card = metrics(repo, "prepare")["card"]
+    card = json.loads((repo / "data/prepared/card.json").read_text())
+    assert "card" not in metrics(repo, "prepare")  # dvc exp show leads with real metrics
     assert sum(s["count"] for s in card["splits"].values()) == 1797
     assert all(n > 0 for s in card["splits"].values() for n in s["per_class"].values())
 
@@ -87,6 +88,10 @@ def test_pretrain_bars(pipeline):
 
 def test_judges_bars(pipeline):
     m = metrics(pipeline[0], "judges")
+    for role in ("reward", "evaluator"):  # the confusion plot holds every test prediction
+        rows = (pipeline[0] / f"plots/judges/confusion_{role}.csv").read_text().split()[1:]
+        right = sum(a == p for a, p in (r.split(",") for r in rows)) / len(rows)
+        assert abs(right - m[role]["test_accuracy"]) < 1e-9, role
     assert m["reward"]["test_accuracy"] >= 0.97 and m["evaluator"]["test_accuracy"] >= 0.97, m
     assert (
         m["reward"]["arch"] != m["evaluator"]["arch"]

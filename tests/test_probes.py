@@ -46,3 +46,17 @@ def test_project_2d_shape_determinism_and_main_axis():
     assert project_2d(x[:20], "tsne", seed=0).shape == (20, 2)
     with pytest.raises(ValueError, match="unknown projection"):
         project_2d(x, "umap")
+
+
+def test_knn_probe_memory_is_bounded_by_its_working_memory():
+    """Brute-force k-NN scores in blocks: MNIST-sized splits must not hold every distance."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    xtr, xte = rng.normal(size=(10_000, 8)), rng.normal(size=(2_000, 8))
+    ytr, yte = rng.integers(0, 10, 10_000), rng.integers(0, 10, 2_000)
+    tracemalloc.start()
+    knn_probe(xtr, ytr, xte, yte, k=5, working_memory_mb=8)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB"  # all distances at once: 160 MiB, twice

@@ -1,32 +1,9 @@
-"""Tiny params for pipeline tests: every stage runs for real, for seconds."""
+"""Tiny params for pipeline tests: the `tiny` preset (presets/tiny.yaml), in which every stage
+runs for real, for seconds."""
 
 from pathlib import Path
 
 import yaml
-
-OVERRIDES = {
-    "pretrain": {"optim": {"steps": 10, "batch_size": 64}},
-    "judges": {
-        "reward": {"optim": {"steps": 60}},
-        "evaluator": {"optim": {"steps": 60}},
-    },
-    "tokenizer": {"optim": {"steps": 60, "checkpoint_every": 0}},
-    "prior": {
-        "dim": 32,
-        "depth": 1,
-        "heads": 2,
-        "samples_per_class": 4,
-        "optim": {"steps": 40, "checkpoint_every": 0},
-    },
-    "finetune": {
-        "steps": 2,
-        "prompts_per_step": 4,
-        "group_size": 4,
-        "eval_samples_per_class": 4,
-        "checkpoint_every": 0,
-    },
-    "evaluate": {"samples_per_class": 8},
-}
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -41,7 +18,9 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def write_tiny_params(repo: Path, extra: dict | None = None) -> None:
-    edit_params(repo, merge(OVERRIDES, extra or {}))
+    """Make the repo's params.yaml the tiny preset, with `extra` merged on top."""
+    tiny = yaml.safe_load((repo / "presets" / "tiny.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(merge(tiny, extra or {}), sort_keys=False))
 
 
 def edit_params(repo: Path, changes: dict) -> None:

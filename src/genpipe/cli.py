@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from genpipe.config import ParamsError, load_params
+from genpipe.config import ParamsError, load_params, parse_params
 from genpipe.data.catalog import SOURCES
 from genpipe.data.raw import DataError
 from genpipe.stages import STAGES
@@ -58,6 +58,60 @@ def cmd_data_ensure(args: argparse.Namespace) -> int:
     subprocess.run(["dvc", "commit", "-q", "-f", "data.dvc"], check=True)
     print(f"data/raw matches data.dvc ({expected})")
     return 0
+
+
+def cmd_preset(args: argparse.Namespace) -> int:
+    """Switch params.yaml to a preset; without a name, say which one it follows and how far."""
+    import yaml
+
+    from genpipe import presets
+
+    if args.check:
+        for name in presets.available():
+            presets.load(name)
+        print(f"presets valid and complete: {', '.join(presets.available())}")
+    if args.name is None:
+        raw = yaml.safe_load(Path(args.params).read_text())
+        name = load_params(args.params).base.preset
+        changed = presets.diff(raw, presets.reference(raw))
+        print(
+            f"{args.params} follows preset {name!r}"
+            + (f"; differs at: {', '.join(changed)}" if changed else ", unchanged")
+        )
+        return 0
+    if args.name == "auto":
+        if args.image_size is None:
+            raise ParamsError("preset auto: needs --image-size N (pixels per side)")
+        raw, note = presets.derive(args.image_size, args.channels, args.source)
+        text = (
+            "# Derived by `genpipe preset auto`: "
+            + note
+            + "\n"
+            + yaml.safe_dump(raw, sort_keys=False)
+        )
+        params = parse_params(raw)
+    else:
+        text, params = presets.load(args.name)
+        note = f"presets/{args.name}.yaml"
+    Path(args.params).write_text(text)
+    print(f"{args.params} <- {note}")
+    _hint_data(params.base.source)
+    return 0
+
+
+def _hint_data(source: str) -> None:
+    """Say when data/raw holds another source than the preset trains on (prepare would refuse
+    or, worse, train on the wrong data)."""
+    import json
+
+    manifest = Path("data/raw/manifest.json")
+    have = json.loads(manifest.read_text())["source"] if manifest.is_file() else None
+    if have != source:
+        print(
+            f"note: base.source is {source} but data/raw holds {have or 'nothing'}: run "
+            f"`genpipe data fetch {source} --path ...` and `dvc add data/raw` "
+            "(README: Data)"
+        )
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
@@ -119,6 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
     ensure = data.add_parser("ensure", help="make data/raw match data.dvc (pull or export)")
     ensure.add_argument("--params", default="params.yaml")
     ensure.set_defaults(func=cmd_data_ensure)
+
+    preset = sub.add_parser(
+        "preset", help="switch params.yaml to a preset (presets/<name>.yaml, or auto)"
+    )
+    preset.add_argument("name", nargs="?", help="a preset name, or auto; none: show the current")
+    preset.add_argument("--image-size", type=int, help="auto: pixels per side")
+    preset.add_argument("--channels", type=int, default=1, choices=[1, 3], help="auto")
+    preset.add_argument(
+        "--source",
+        default="folder",
+        choices=list(SOURCES),
+        help="auto: base.source",
+    )
+    preset.add_argument("--check", action="store_true", help="validate every preset first")
+    preset.add_argument("--params", default="params.yaml")
+    preset.set_defaults(func=cmd_preset)
 
     stage = sub.add_parser("stage", help="run one stage without Prefect")
     stage.add_argument("name", choices=STAGES)

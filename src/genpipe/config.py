@@ -43,6 +43,11 @@ class Section(BaseModel):
 
 
 class Base(Section):
+    preset: str = Field(
+        "digits",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="the presets/<name>.yaml (or auto) this file started from: genpipe preset",
+    )
     seed: int = Field(0, ge=0, description="seed for every random draw of every stage")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     source: SourceName = "digits"

@@ -33,24 +33,46 @@ HEADER = """\
 # (flows/stage.py); PYTHONPATH=src makes a stage run this checkout's code (also in
 # `dvc exp run --temp` copies). Code deps: every module a stage imports, transitively.
 """
+LOSS_CURVES = {
+    "pretrain": "plots/pretrain/loss.csv",
+    "judges": ["plots/judges/loss_reward.csv", "plots/judges/loss_evaluator.csv"],
+    "tokenizer": "plots/tokenizer/loss.csv",
+    "prior": "plots/prior/loss.csv",
+}
+
+
+def _curve(title: str, files: str | list[str], y: str | list[str], **extra: str) -> Any:
+    files = [files] if isinstance(files, str) else files
+    return {title: {"template": "linear", "x": "step", "y": dict.fromkeys(files, y), **extra}}
+
+
+# Each figure is defined once, here; stage outputs under plots/ are plain uncached outs, so
+# `dvc plots show` does not draw a stage's files a second time with its default template.
 PLOTS: list[Any] = [
-    {
-        "loss": {
-            "template": "linear",
-            "x": "step",
-            "y": {f"plots/{s}/loss.csv": "loss" for s in ("pretrain", "tokenizer", "prior")},
+    *(_curve(f"{stage} loss", f, "loss") for stage, f in LOSS_CURVES.items()),
+    _curve("finetune reward", "plots/finetune/reward.csv", ["reward_mean", "reward_mean_window"]),
+    _curve("finetune KL against kl_bound", "plots/finetune/reward.csv", ["kl_window", "kl_bound"]),
+    *(
+        {
+            f"judge {role}: confusion on test": {
+                "template": "confusion",
+                "x": "predicted",
+                "y": {f"plots/judges/confusion_{role}.csv": "actual"},
+            }
         }
-    },
+        for role in ("reward", "evaluator")
+    ),
     {
-        "reward": {
-            "template": "linear",
-            "x": "step",
-            "y": {"plots/finetune/reward.csv": "reward_mean"},
+        "tokenizer codebook usage (test codes)": {
+            "template": "bar_horizontal_sorted",
+            "x": "count",
+            "y": {"plots/tokenizer/codebook_usage.csv": "code"},
         }
     },
     "plots/tokenizer/recon_test.png",
     "plots/pretrain/features_pca.png",
     "plots/prior/samples.png",
+    "plots/finetune/samples_after.png",
     "plots/evaluate/samples_base.png",
     "plots/evaluate/samples_finetuned.png",
 ]
@@ -157,14 +179,15 @@ def stage_entry(
         "deps": [*(d.as_posix() for d in spec.deps), *code],
         "params": ["base", *spec.params],
     }
-    if spec.outs:
-        entry["outs"] = [
-            p.as_posix() if spec.cache else {p.as_posix(): {"cache": False}} for p in spec.outs
-        ]
+    outs: list[Any] = [
+        p.as_posix() if spec.cache else {p.as_posix(): {"cache": False}} for p in spec.outs
+    ]
+    if spec.plots is not None:  # drawn by the top-level PLOTS only (each figure once)
+        outs.append({spec.plots.as_posix(): {"cache": False}})
+    if outs:
+        entry["outs"] = outs
     if spec.metrics is not None:
         entry["metrics"] = [{spec.metrics.as_posix(): {"cache": False}}]
-    if spec.plots is not None:
-        entry["plots"] = [{spec.plots.as_posix(): {"cache": False}}]
     return entry
 
 

@@ -5,6 +5,7 @@ for a picture. Pure functions of arrays; no torch, no I/O."""
 from __future__ import annotations
 
 import numpy as np
+from sklearn import config_context
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.manifold import TSNE
@@ -48,6 +49,7 @@ def knn_probe(
     test_y: np.ndarray,
     k: int = 5,
     metric: str = "cosine",
+    working_memory_mb: int = 128,
 ) -> float:
     """Test accuracy of a k-nearest-neighbour vote (brute force, so ties resolve deterministically).
 
@@ -55,7 +57,10 @@ def knn_probe(
     """
     model = KNeighborsClassifier(n_neighbors=k, metric=metric, algorithm="brute")
     model.fit(_as_2d(train_feats), np.asarray(train_y))
-    return float(model.score(_as_2d(test_feats), np.asarray(test_y)))
+    # brute force holds a (chunk, N_train) block of distances and as many neighbour indices:
+    # at sklearn's default 1 GiB per block that is 2+ GiB on MNIST, so cap the block
+    with config_context(working_memory=working_memory_mb):
+        return float(model.score(_as_2d(test_feats), np.asarray(test_y)))
 
 
 def project_2d(feats: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:

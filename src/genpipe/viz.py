@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def image_grid(
@@ -30,13 +30,32 @@ def image_grid(
 
 
 def class_grid(
-    images: torch.Tensor, per_class: int, num_classes: int, show: int = 10
+    images: torch.Tensor,
+    per_class: int,
+    num_classes: int,
+    show: int = 10,
+    names: list[str] | None = None,
 ) -> np.ndarray:
     """Class-ordered samples (num_classes * per_class, C, H, W) -> a grid with the first `show`
-    of each class, one class per row."""
+    of each class, one class per row, each row labelled with its class (`names`, else its
+    index), so a wrong class in a row is seen without counting rows."""
     show = min(show, per_class)
     rows = images.reshape(num_classes, per_class, *images.shape[1:])[:, :show].flatten(0, 1)
-    return image_grid(rows, nrow=show)
+    grid = image_grid(rows, nrow=show)
+    labels = names if names is not None else [str(c) for c in range(num_classes)]
+    return label_rows(grid, labels)
+
+
+def label_rows(grid: np.ndarray, labels: list[str], width: int = 36) -> np.ndarray:
+    """Prepend a column of `width` pixels naming each of the grid's equal-height rows."""
+    height = grid.shape[0] / len(labels)
+    column = Image.new("RGB", (width, grid.shape[0]), (255, 255, 255))
+    draw = ImageDraw.Draw(column)
+    font = ImageFont.load_default(size=max(8, min(int(height * 0.6), 16)))
+    for i, label in enumerate(labels):
+        top = int(i * height + height / 2)
+        draw.text((width // 2, top), label[:5], fill=(0, 0, 0), font=font, anchor="mm")
+    return np.concatenate([np.asarray(column), grid], axis=1)
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
@@ -46,7 +65,7 @@ def save_png(array: np.ndarray, path: Path) -> None:
 
 
 def write_curve(rows: list[dict[str, float]], path: Path) -> None:
-    """A CSV that `dvc plots` draws (x = step)."""
+    """A CSV that `dvc plots` draws (a curve over steps, a confusion matrix, a histogram)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -227,7 +227,8 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             out / artifacts.PRIOR_FILE, "prior", prior_file["arch"], policy.net.cpu(), **extra
         )
         write_json(metrics_path, metrics)
-        viz.write_curve(result.history, plots / "reward.csv")
+        curve = [{**row, "kl_bound": cfg.kl_bound} for row in result.history]
+        viz.write_curve(curve, plots / "reward.csv")  # KL drawn against its bound
         for name, images in (("before", before_images), ("after", after_images)):
             grid = viz.class_grid(images, n, num_classes)
             viz.save_png(grid, plots / f"samples_{name}.png")

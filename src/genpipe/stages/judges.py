@@ -12,12 +12,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from genpipe import artifacts
+from genpipe import artifacts, viz
 from genpipe.artifacts.judges import judge_arch
 from genpipe.checkpoint import Checkpoint
 from genpipe.config import Judge, Params
 from genpipe.data.prepared import load_split
-from genpipe.evaluation import class_consistency
+from genpipe.evaluation import predictions
 from genpipe.modelio import save_model
 from genpipe.models.classifier import Classifier
 from genpipe.outputs import write_json
@@ -30,6 +30,7 @@ SPEC = StageSpec(
     deps=(artifacts.PREPARED,),
     outs=(artifacts.JUDGES,),
     metrics=artifacts.metrics("judges"),
+    plots=artifacts.plots("judges"),
 )
 
 
@@ -63,7 +64,7 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     train_x, train_y = load_split("train", root / artifacts.PREPARED)
     test_x, test_y = load_split("test", root / artifacts.PREPARED)
     num_classes = int(train_y.max()) + 1
-    with SPEC.record(params, root) as (run, (out, metrics_path)):
+    with SPEC.record(params, root) as (run, (out, metrics_path, plots)):
         metrics: dict[str, Any] = {}
         for role in artifacts.JUDGE_ROLES:
             cfg: Judge = getattr(params.judges, role)
@@ -72,7 +73,8 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             checkpoint = ctx.checkpoint.part(role, every)
             model, history = train_judge(cfg, arch, train_x, train_y, ctx.device, checkpoint)
             model = model.cpu()
-            acc = class_consistency(model, test_x, test_y)
+            predicted = predictions(model, test_x)
+            acc = float((predicted == test_y).double().mean())
             metrics[role] = {
                 "test_accuracy": acc,
                 "arch": cfg.arch,
@@ -81,6 +83,9 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             }
             save_model(out / f"{role}.pt", "classifier", arch, model, role=role, seed=cfg.seed)
             run.log_history(history, prefix=f"{role}/")
+            viz.write_curve(history, plots / f"loss_{role}.csv")
+            confusion = [{"actual": int(a), "predicted": int(p)} for a, p in zip(test_y, predicted)]
+            viz.write_curve(confusion, plots / f"confusion_{role}.csv")
             run.log_torch_model(model, role, test_x[:2].numpy())
         write_json(metrics_path, metrics)
         roles = artifacts.JUDGE_ROLES

@@ -68,22 +68,23 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             "num_classes": len(raw.classes),
             **{f"{s}_count": card["splits"][s]["count"] for s in SPLITS},
         }
-        write_json(metrics_path, {"card": card, **metrics})
+        write_json(metrics_path, metrics)  # the card is data/prepared/card.json, not a metric
         run.log_metrics(metrics)
         for s in SPLITS:
             run.log_dataset(
                 f"{raw.source}-{s}", card["digest"][:16], root / artifacts.PREPARED / s, s
             )
-        run.log_image(_class_grid(*splits["train"], len(raw.classes)), "train_samples.png")
+        run.log_image(_class_grid(*splits["train"], raw.classes), "train_samples.png")
         run.log_artifact(out / "card.json")
         run.write_meta(out)
     return card
 
 
-def _class_grid(x: np.ndarray, y: np.ndarray, num_classes: int, per_class: int = 8) -> np.ndarray:
-    """One row per class, for a first look at the data."""
-    picks = [x[np.flatnonzero(y == c)[:per_class]] for c in range(num_classes)]
+def _class_grid(x: np.ndarray, y: np.ndarray, classes: list[str], per_class: int = 8) -> np.ndarray:
+    """One row per class, named, for a first look at the data."""
+    picks = [x[np.flatnonzero(y == c)[:per_class]] for c in range(len(classes))]
     rows = [
         np.concatenate([p, np.zeros((per_class - len(p), *x.shape[1:]), x.dtype)]) for p in picks
     ]
-    return viz.image_grid(np.concatenate(rows), nrow=per_class)
+    grid = viz.image_grid(np.concatenate(rows), nrow=per_class)
+    return viz.label_rows(grid, classes)

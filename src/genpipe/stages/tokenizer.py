@@ -16,7 +16,7 @@ from genpipe.artifacts.encoder import load_ssl_encoder
 from genpipe.artifacts.tokenizer import build_tokenizer, tokenizer_arch
 from genpipe.config import Params
 from genpipe.data.prepared import load_split
-from genpipe.evaluation import reconstruction
+from genpipe.evaluation import batched, reconstruction
 from genpipe.modelio import save_model
 from genpipe.models.discriminator import (
     PatchDiscriminator,
@@ -110,13 +110,27 @@ def train(
     return final, history  # type: ignore[return-value]
 
 
+@torch.no_grad()
+def codebook_usage(model: VQAutoencoder, x: torch.Tensor) -> list[dict[str, float]]:
+    """How often each code is used on `x`, most used first (rank 0): a long flat tail of
+    zeros is dead codes, a few towering codes is a collapsed codebook."""
+    codes = batched(lambda b: model.encode_codes(b), x)
+    counts = torch.bincount(codes.flatten(), minlength=model.codebook_size)
+    order = torch.argsort(counts, descending=True, stable=True)
+    return [
+        {"rank": rank, "code": int(code), "count": int(counts[code])}
+        for rank, code in enumerate(order.tolist())
+    ]
+
+
 def recon_grid(model: VQAutoencoder, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Any:
     """Two rows per class pair: originals above their reconstructions."""
     picks = torch.cat([torch.nonzero(y == c).flatten()[:1] for c in torch.unique(y)])[:16]
     originals = x[picks]
     with torch.no_grad():
         recon = model.decode_codes(model.encode_codes(originals.to(device))).cpu()
-    return viz.image_grid(torch.cat([originals, recon]), nrow=len(picks))
+    grid = viz.image_grid(torch.cat([originals, recon]), nrow=len(picks))
+    return viz.label_rows(grid, ["real", "recon"])
 
 
 def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
@@ -144,6 +158,7 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         )
         write_json(metrics_path, metrics)
         viz.write_curve(history, plots / "loss.csv")
+        viz.write_curve(codebook_usage(model, splits["test"][0]), plots / "codebook_usage.csv")
         for split, (x, y) in splits.items():
             grid = recon_grid(model, x, y, torch.device("cpu"))
             viz.save_png(grid, plots / f"recon_{split}.png")

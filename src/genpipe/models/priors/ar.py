@@ -293,11 +293,18 @@ class ARPrior(nn.Module):
         return logp.gather(-1, codes[..., None]).squeeze(-1).sum(dim=1)
 
     @torch.no_grad()
-    def nll_bits_per_code(self, codes: torch.Tensor, labels: torch.Tensor) -> float:
-        """Mean conditional negative log-likelihood in bits per code (no class dropout)."""
-        logits = self(codes, labels).float()
-        nll = F.cross_entropy(logits.flatten(0, 1), self._flat(codes).flatten())
-        return nll.item() / math.log(2)
+    def nll_bits_per_code(
+        self, codes: torch.Tensor, labels: torch.Tensor, batch_size: int = 512
+    ) -> float:
+        """Mean conditional negative log-likelihood in bits per code (no class dropout), in
+        batches: a whole validation split at once holds (N, L, 4 * dim) activations."""
+        codes = self._flat(codes)
+        total = 0.0
+        for i in range(0, len(codes), batch_size):
+            chunk = codes[i : i + batch_size]
+            logits = self(chunk, labels[i : i + batch_size]).float()
+            total += F.cross_entropy(logits.flatten(0, 1), chunk.flatten(), reduction="sum").item()
+        return total / codes.numel() / math.log(2)
 
     @torch.no_grad()
     def sample(
