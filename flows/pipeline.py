@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,6 +27,9 @@ from flows.stage import is_transient, retry_transient
 from genpipe.prefect_server import local_server
 
 DECISION = Path("reports/register/decision.json")
+PROMOTION_FLOW_ENV = (
+    "GENPIPE_PROMOTION_FLOW"  # genpipe.registry reads it; importing that costs ~2 s
+)
 EVALUATION = Path("metrics/evaluate.json")
 SAMPLES = Path("plots/evaluate/samples_finetuned.png")
 RETRY_DELAYS = [5, 20, 60]  # seconds between tries of a transient failure
@@ -142,7 +146,12 @@ def build_flows() -> tuple[Any, Any]:
             data_task.with_options(name="dvc-pull")("pull")
         if update_imports:
             data_task.with_options(name="dvc-update")("update", "-R", ".")
-        results = pipeline()
+        # the one place besides a clean main workspace whose register may move `champion`
+        os.environ[PROMOTION_FLOW_ENV] = "1"
+        try:
+            results = pipeline()
+        finally:
+            os.environ.pop(PROMOTION_FLOW_ENV, None)
         decision = json.loads(DECISION.read_text()) if DECISION.is_file() else None
         evaluation = json.loads(EVALUATION.read_text()) if EVALUATION.is_file() else None
         create_markdown_artifact(

@@ -68,7 +68,7 @@ def copy_repo(dest: Path) -> Path:
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest / rel)
-    git(dest, "init", "-q")
+    git(dest, "init", "-q", "-b", "main")  # champion moves only from main (registry.py)
     git(dest, "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
     git(dest, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy")
     return dest

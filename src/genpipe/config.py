@@ -269,8 +269,13 @@ class Evaluate(Section):
 
 class Register(Section):
     prior: Literal["finetuned", "base"] = "finetuned"
-    primary_metric: Literal["fid_ratio", "fid", "precision", "recall", "class_consistency"] = (
-        "fid_ratio"
+    # the gate compares bootstrap intervals: only metrics evaluation gives one are offered
+    primary_metric: Literal["fid_ratio", "precision", "recall", "class_consistency"] = "fid_ratio"
+    margin: float = Field(
+        1.0,
+        ge=0,
+        description="promote only if the candidate beats the champion by more than this many "
+        "combined half-widths of their intervals (0: any gain)",
     )
 
 

@@ -7,6 +7,9 @@ orientation of data/prepared. Row i depends only on (label_i, seed_i).
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,8 @@ from genpipe.tracking import store
 
 MODEL_NAME = "genpipe-generator"
 CANDIDATE, CHAMPION = "candidate", "champion"
+MAIN_BRANCH = "main"  # champion moves only from a clean run on it (or from the flow)
+PROMOTION_FLOW_ENV = "GENPIPE_PROMOTION_FLOW"  # set to 1 by flows.pipeline.retrain_and_promote
 
 
 class GeneratorModel(mlflow.pyfunc.PythonModel):
@@ -63,6 +68,13 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         return torch.cat(images).clamp(0, 1).numpy().astype(np.float32)
 
 
+GUARD = "class_consistency"
+
+
+class ChampionMoved(RuntimeError):
+    """`champion` changed between the decision and the alias step (a racer outside the lock)."""
+
+
 @dataclass(frozen=True)
 class Decision:
     promote: bool
@@ -71,34 +83,67 @@ class Decision:
     champion: dict[str, float] | None
 
 
+def interval(metrics: dict[str, float], key: str) -> tuple[float, float]:
+    """The bootstrap interval evaluation gives `key`; an error naming the fix if it is absent."""
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    if low is None or high is None:
+        raise KeyError(
+            f"metrics have no {key}_ci_low/{key}_ci_high: the gate needs evaluation's bootstrap "
+            "intervals; re-run `dvc repro evaluate` (or pick a register.primary_metric with one)"
+        )
+    return float(low), float(high)
+
+
+def _noise(candidate: dict[str, float], champion: dict[str, float], key: str) -> float:
+    """Combined half-width of the two intervals: how far apart two scores of one model may be."""
+    half = [(hi - lo) / 2 for lo, hi in (interval(candidate, key), interval(champion, key))]
+    return math.hypot(*half)
+
+
+def _span(metrics: dict[str, float], key: str) -> str:
+    low, high = interval(metrics, key)
+    return f"{metrics[key]:.4g} [{low:.4g}, {high:.4g}]"
+
+
 def decide(
     candidate: dict[str, float],
     champion: dict[str, float] | None,
     primary: str,
     lower_is_better: bool,
-    guard: str = "class_consistency",
+    margin: float,
+    guard: str = GUARD,
 ) -> Decision:
-    """Promote the first model; later ones only if they beat the champion on `primary` and
-    are no worse on `guard`, both measured on the same evaluation."""
+    """Promote the first model; a later one only if it beats the champion on `primary` by more
+    than `margin` times the combined half-width of their intervals (a gain inside the noise
+    of two scores of one model is no gain), and is not worse on `guard` by more than that."""
     if champion is None:
+        interval(candidate, primary)
         return Decision(True, "no champion yet: the first model is promoted", candidate, None)
     c, h = candidate[primary], champion[primary]
-    better = c < h if lower_is_better else c > h
-    guard_ok = candidate[guard] >= champion[guard]
-    if better and guard_ok:
+    gain = h - c if lower_is_better else c - h
+    need = margin * _noise(candidate, champion, primary)
+    drop = champion[guard] - candidate[guard]
+    allowed = margin * _noise(candidate, champion, guard)
+    better, guard_ok = gain > need, drop <= allowed
+    scores = f"{primary} {_span(candidate, primary)} vs champion's {_span(champion, primary)}"
+    if not better:
+        reason = f"{scores}: gain {gain:.4g} is not above the noise margin {need:.4g}"
+    elif not guard_ok:
         reason = (
-            f"{primary} {c:.4g} beats champion's {h:.4g}; "
-            f"{guard} {candidate[guard]:.4g} >= {champion[guard]:.4g}"
+            f"{scores} beats it, but {guard} {_span(candidate, guard)} is below champion's "
+            f"{_span(champion, guard)} by {drop:.4g}, more than the noise margin {allowed:.4g}"
         )
-    elif not better:
-        reason = f"{primary} {c:.4g} does not beat champion's {h:.4g}"
     else:
-        reason = f"{guard} {candidate[guard]:.4g} is below champion's {champion[guard]:.4g}"
+        reason = (
+            f"{scores}: gain {gain:.4g} is above the noise margin {need:.4g}; {guard} "
+            f"{_span(candidate, guard)} vs {_span(champion, guard)} is within {allowed:.4g}"
+        )
     return Decision(better and guard_ok, reason, candidate, champion)
 
 
 def log_generator(tokenizer: Path, prior: Path, num_classes: int) -> str:
-    """Log the pyfunc generator in the active run and register it; returns the new version."""
+    """Log the pyfunc generator in the active run and register it, tagged `state=pending`
+    until the alias step marks it; returns the new version."""
     import genpipe
 
     example = pd.DataFrame(
@@ -116,25 +161,83 @@ def log_generator(tokenizer: Path, prior: Path, num_classes: int) -> str:
         pip_requirements=store.model_requirements(),
         registered_model_name=MODEL_NAME,
     )
-    return str(info.registered_model_version)
+    version = str(info.registered_model_version)
+    store.client().set_model_version_tag(MODEL_NAME, version, "state", "pending")
+    return version
+
+
+def champion_version() -> str | None:
+    """The version `champion` points at; None only if the registered model does not exist
+    (RESOURCE_DOES_NOT_EXIST) or has no such alias. Any other error (a locked store, a
+    timeout) propagates: promoting past an unread champion would replace it unchecked.
+    The alias is read from the model's alias map: a missing alias has no error code of its
+    own (the SQL store calls it INVALID_PARAMETER_VALUE, like a malformed request)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = store.client().get_registered_model(MODEL_NAME)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = model.aliases.get(CHAMPION)
+    return None if version is None else str(version)
 
 
 def champion() -> tuple[str, Any] | None:
     """The current champion's version and its generator, loaded as serving loads it."""
-    client = store.client()
-    try:
-        mv = client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
-    except Exception:  # noqa: BLE001 - no registered model or no alias yet
+    version = champion_version()
+    if version is None:
         return None
-    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@{CHAMPION}")
-    return str(mv.version), model.unwrap_python_model().generator
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/{version}")
+    return version, model.unwrap_python_model().generator
 
 
-def set_aliases(version: str, promote: bool, tags: dict[str, Any]) -> None:
-    """Tag the version, alias it `candidate`, and `champion` if promoted (always last)."""
+def lock_path() -> Path:
+    """Beside the SQLite store when there is one (every racer on it sees the same file), else
+    in the project root: a server store is only serialized per machine, the alias check
+    (`move_aliases`) covers the rest."""
+    uri = store.tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///") + ".promote.lock")
+    return store.project_root() / ".genpipe-promote.lock"
+
+
+@contextlib.contextmanager
+def promotion_lock(timeout: float = 600.0) -> Iterator[None]:
+    """Held from reading the champion to moving the aliases, so two `register` runs decide
+    one after the other, each against the champion the other left."""
+    from filelock import FileLock, Timeout
+
+    path = lock_path()
+    try:
+        with FileLock(str(path), timeout=timeout):
+            yield
+    except Timeout as e:
+        raise TimeoutError(
+            f"another register run held {path} for {timeout:.0f} s; if none is running, "
+            "delete the file and re-run"
+        ) from e
+
+
+def mark(version: str, tags: dict[str, Any]) -> None:
     client = store.client()
     for k, v in tags.items():
         client.set_model_version_tag(MODEL_NAME, version, k, str(v))
+
+
+def move_aliases(version: str, promote: bool, expected_champion: str | None) -> None:
+    """The last step of `register`: alias `candidate`, and `champion` if promoted, after
+    checking `champion` still points where the decision read it (compare-and-set; raises
+    ChampionMoved otherwise, moving nothing)."""
+    now = champion_version()
+    if promote and now != expected_champion:
+        raise ChampionMoved(
+            f"champion moved from version {expected_champion} to {now} after this run "
+            "decided; nothing was aliased: re-run register to decide against the new champion"
+        )
+    client = store.client()
     client.set_registered_model_alias(MODEL_NAME, CANDIDATE, version)
     if promote:
         client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
+    mark(version, {"state": "champion" if promote else "candidate"})
