@@ -22,18 +22,36 @@ ADV_EPS = 1e-4
 MAX_LOG_RATIO = 20.0
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = ADV_EPS) -> torch.Tensor:
-    """(reward - group mean) / (group std + eps): each sample is judged only against samples of
-    the same prompt, so no value network is needed and easy prompts don't dominate. A group whose
-    rewards are all equal gets zero advantage (no signal), not a division blow-up."""
+ADVANTAGES = ("grpo", "dr_grpo")
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    mode: str = "grpo",
+    std_floor: float = 0.0,
+    eps: float = ADV_EPS,
+) -> torch.Tensor:
+    """Reward minus its group mean: each sample is judged only against samples of the same
+    prompt, so no value network is needed. `grpo` then divides by max(group std, std_floor)
+    + eps, so easy and hard prompts weigh the same; without a floor that scale-invariance turns
+    a near-tie (seven samples at a capped reward, one a hair below) into advantages as large
+    as a real failure's. `dr_grpo` (Dr. GRPO) does not divide at all: advantages keep the
+    reward's own scale. A group whose rewards are all equal gets zero advantage."""
     if group_size < 2 or rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(
             f"rewards {tuple(rewards.shape)} must be 1-D and split into groups of {group_size} >= 2"
         )
+    if mode not in ADVANTAGES:
+        raise ValueError(f"advantage mode must be one of {ADVANTAGES}, got {mode!r}")
+    if std_floor < 0:
+        raise ValueError(f"std_floor must be >= 0, got {std_floor}")
     groups = rewards.float().view(-1, group_size)
-    mean = groups.mean(dim=1, keepdim=True)
-    std = groups.std(dim=1, keepdim=True, unbiased=False)
-    return ((groups - mean) / (std + eps)).flatten()
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if mode == "dr_grpo":
+        return centred.flatten()
+    std = groups.std(dim=1, keepdim=True, unbiased=False).clamp(min=std_floor)
+    return (centred / (std + eps)).flatten()
 
 
 def _per_step(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,11 @@ def update(
     return {"loss": sum(losses) / len(losses), "clip_frac": sum(clips) / len(clips)}
 
 
+def advantages(rewards: torch.Tensor, cfg: Finetune) -> torch.Tensor:
+    """Group advantages as `finetune.advantage` and `finetune.adv_std_floor` say."""
+    return rl.group_advantages(rewards, cfg.group_size, cfg.advantage, cfg.adv_std_floor)
+
+
 def window_mean(rows: list[dict[str, float]], key: str, window: int) -> float:
     """Mean of `key` over the last `window` rows, or over all of them while there are fewer
     (a slice start of len - window + 1 turns negative there and drops early rows)."""
@@ -157,7 +162,7 @@ def train(
         if stopped or step == cfg.steps:
             history.append(row)
             break
-        row.update(update(policy, opt, roll, rl.group_advantages(total, cfg.group_size), cfg))
+        row.update(update(policy, opt, roll, advantages(total, cfg), cfg))
         history.append(row)
         if checkpoint is not None:
             state = {"net": net.state_dict(), "opt": opt.state_dict(), "history": history}

@@ -26,11 +26,12 @@ from genpipe.models.priors.base import (
     PriorKind,
     Settings,
     Tensor,
+    WholeSamplePolicy,
     transformer_arch,
 )
 
 if TYPE_CHECKING:
-    from genpipe.config import Prior
+    from genpipe.config import Finetune, Prior
     from genpipe.generator import Generator
 
 POSITIONS = ("rope2d", "learned")
@@ -284,12 +285,17 @@ class ARPrior(nn.Module):
         labels: torch.Tensor,
         cfg_scale: float = 1.0,
         temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
     ) -> torch.Tensor:
-        """Sum over positions of log p(code_i | codes_<i, class) under the sampling distribution
-        (CFG and temperature, no top-k/top-p truncation) -> (B,); differentiable, for RL."""
+        """Sum over positions of log p(code_i | codes_<i, class) under the distribution `sample`
+        draws from with the same settings: CFG, temperature, then top-k/top-p truncation and
+        renormalisation -> (B,); differentiable, for RL. A code outside the truncated set
+        scores -inf."""
         _check_sampling(cfg_scale, temperature)
         codes = self._flat(codes)
-        logp = (self._guided_logits(codes, labels, cfg_scale) / temperature).log_softmax(-1)
+        logits = self._guided_logits(codes, labels, cfg_scale) / temperature
+        logp = filter_logits(logits, top_k, top_p).log_softmax(-1)
         return logp.gather(-1, codes[..., None]).squeeze(-1).sum(dim=1)
 
     @torch.no_grad()
@@ -347,6 +353,34 @@ def _check_sampling(cfg_scale: float, temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+class ARPolicy(WholeSamplePolicy):
+    """The AR prior as a policy that samples and scores the distribution it is served with:
+    CFG, temperature and the prior file's top-k/top-p truncation, renormalised. The reference
+    prior is scored untruncated, so the KL penalty and bound measure the distance to the full
+    prior (finite even where a code falls outside the reference's own nucleus), and start at
+    the truncation's cost: about -log(kept mass) per code."""
+
+    def __init__(self, gen: Generator, reference: nn.Module, cfg: Finetune, cfg_scale: float):
+        super().__init__(gen, reference, cfg, cfg_scale)
+        self.top_k, self.top_p = gen.sampling.get("top_k"), gen.sampling.get("top_p")
+
+    def _log_prob(self, net: nn.Module, codes: torch.Tensor, labels: torch.Tensor):
+        assert isinstance(net, ARPrior)
+        truncate = {"top_k": self.top_k, "top_p": self.top_p} if net is self.net else {}
+        return net.log_prob(codes, labels, self.cfg_scale, self.temperature, **truncate)[:, None]
+
+    def _sample(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        assert isinstance(self.net, ARPrior)
+        return self.net.sample(
+            labels,
+            generator,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            cfg_scale=self.cfg_scale,
+        )
+
+
 class ARKind(PriorKind):
     name = "ar"
     module = ARPrior
@@ -384,6 +418,9 @@ class ARKind(PriorKind):
             top_p=s.get("top_p"),
             cfg_scale=s.get("cfg_scale", 1.0),
         )
+
+    def policy(self, gen: Generator, reference: nn.Module, cfg: Finetune, cfg_scale: float):
+        return ARPolicy(gen, reference, cfg, cfg_scale)
 
 
 KIND = ARKind()
