@@ -425,3 +425,45 @@ def test_ar_policy_scores_the_truncated_distribution_it_samples_from(monkeypatch
     untruncated = reference.log_prob(roll.replay, roll.labels, 2.0, 0.8)
     assert torch.allclose(roll.ref_logp[:, 0], untruncated, atol=1e-5)
     assert (roll.ref_logp < roll.old_logp).all()  # renormalising raised every sampled code
+
+
+def test_kl_exact_matches_analytic_kl_and_ignores_truncated_codes():
+    p = torch.tensor([[[0.5, 0.5, 0.0]]])
+    q = torch.tensor([[[0.25, 0.25, 0.5]]])
+    got = rl.kl_exact(p.log(), q.log())
+    assert got.item() == pytest.approx(math.log(2), rel=1e-6)  # 0 * log 0 counts as 0
+
+
+def test_exact_kl_of_the_untrained_ar_policy_is_the_cost_of_truncation():
+    """At the start policy == prior up to the nucleus, so the KL per code is -log(kept mass)."""
+    torch.manual_seed(0)
+    prior = ARPrior(32, (2, 2), CLASSES, dim=16, depth=1, heads=2).eval()
+    with torch.no_grad():
+        prior.head.weight.normal_(0, 0.5)
+    gen = Generator(tiny_tokenizer(32), prior, "ar", {"cfg_scale": 2.0, "top_p": 0.5})
+    policy, reference = finetune.make_policy(gen, Finetune(kl_estimator="exact"))
+    roll = policy.rollout(torch.tensor([0, 1, 2, 0]), torch.Generator().manual_seed(0))
+    kept = policy.net.log_probs(roll.replay, roll.labels, 2.0, 1.0, top_p=0.5).isfinite()
+    full = reference.log_probs(roll.replay, roll.labels, 2.0, 1.0).exp()
+    expected = -(full * kept).sum(dim=-1).log().sum(dim=1)
+    assert (expected > 0.1).all()
+    assert torch.allclose(roll.exact_kl, expected, atol=1e-5)
+    assert torch.allclose(roll.kl_per_sample(), expected, atol=1e-5)
+    kl = policy.kl(roll)
+    kl.sum().backward()  # differentiable, for the penalty
+    assert policy.net.head.weight.grad is not None
+
+
+def test_exact_kl_is_refused_for_a_kind_without_it():
+    with pytest.raises(ValueError, match="finetune.kl_estimator"):
+        finetune.make_policy(tiny_generator("diffusion"), Finetune(kl_estimator="exact"))
+
+
+def test_training_with_the_exact_kl_runs_and_starts_at_zero_kl():
+    gen = tiny_generator("ar")
+    cfg = CFG.model_copy(update={"kl_estimator": "exact"})
+    policy, _ = finetune.make_policy(gen, cfg)
+    reward = WeightedReward({"brightness": 1.0}, {"brightness": brightness})
+    result = finetune.train(policy, reward, cfg, CLASSES, torch.Generator().manual_seed(0))
+    assert result.history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert result.history[-1]["kl"] > 1e-4

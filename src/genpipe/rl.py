@@ -81,6 +81,16 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return log_r.exp() - 1 - log_r
 
 
+def kl_exact(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Exact KL(policy || reference) per sample, summed over its positions, from the full
+    per-position log-distributions (B, L, K) of both; the policy's may be -inf (truncated
+    codes, which contribute 0). Unlike a k3 estimate at the sampled codes it has no sampling
+    noise, and a policy that computes the logits for its log-prob gets it for free."""
+    p = logp.exp()
+    terms = torch.where(p > 0, p * (logp - ref_logp.detach()), torch.zeros_like(p))
+    return terms.sum(dim=(1, 2))
+
+
 def group_diversity(images: torch.Tensor, group_size: int) -> float:
     """Mean pairwise L2 distance between the images of each group, averaged over groups: falls
     towards 0 when RL collapses a prompt onto one image (mode collapse)."""
@@ -103,9 +113,13 @@ class Rollout:
     ref_logp: torch.Tensor
     replay: Any
     total_steps: int
+    exact_kl: torch.Tensor | None = None  # (B,) when the policy computes it (kl_estimator)
 
     def kl_per_sample(self) -> torch.Tensor:
-        """k3 estimate of KL(policy || prior) over a sample's whole generation, (B,)."""
+        """KL(policy || prior) over a sample's whole generation, (B,): exact where the policy
+        gave it, else the k3 estimate."""
+        if self.exact_kl is not None:
+            return self.exact_kl
         return kl_k3(self.old_logp, self.ref_logp).mean(dim=1) * self.total_steps
 
 
@@ -117,3 +131,10 @@ class Policy(Protocol):
     def rollout(self, labels: torch.Tensor, generator: torch.Generator) -> Rollout: ...
 
     def log_prob(self, rollout: Rollout) -> torch.Tensor: ...
+
+
+class ExactKLPolicy(Policy, Protocol):
+    """A policy that also gives the exact KL per sample to its reference, differentiable
+    (`finetune.kl_estimator: exact`)."""
+
+    def kl(self, rollout: Rollout) -> torch.Tensor: ...

@@ -59,7 +59,13 @@ def make_policy(gen: Generator, cfg: Finetune) -> tuple[Policy, nn.Module]:
     cfg_scale = cfg.cfg_scale
     if cfg_scale is None:
         cfg_scale = float(gen.sampling.get("cfg_scale", 1.0))
-    return gen.kind_of.policy(gen, reference, cfg, cfg_scale), reference
+    policy = gen.kind_of.policy(gen, reference, cfg, cfg_scale)
+    if cfg.kl_estimator == "exact" and not hasattr(policy, "kl"):
+        raise ValueError(
+            f"finetune.kl_estimator: 'exact' needs a policy that computes the KL (ar); "
+            f"the {gen.kind!r} prior's does not: set it to 'k3'"
+        )
+    return policy, reference
 
 
 def prompts(step: int, cfg: Finetune, num_classes: int, device: torch.device) -> torch.Tensor:
@@ -77,7 +83,9 @@ def update(
     for _ in range(cfg.inner_iters):
         logp = policy.log_prob(roll)
         surrogate, clip_frac = rl.clipped_surrogate(logp, roll.old_logp, adv, cfg.clip_eps)
-        loss = surrogate + cfg.beta * rl.kl_k3(logp, roll.ref_logp).mean()
+        exact = cfg.kl_estimator == "exact"  # make_policy checked the policy has `kl`
+        kl = policy.kl(roll) if exact else rl.kl_k3(logp, roll.ref_logp)  # type: ignore[attr-defined]
+        loss = surrogate + cfg.beta * kl.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

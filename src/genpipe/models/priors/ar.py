@@ -29,6 +29,7 @@ from genpipe.models.priors.base import (
     WholeSamplePolicy,
     transformer_arch,
 )
+from genpipe.rl import Rollout, kl_exact
 
 if TYPE_CHECKING:
     from genpipe.config import Finetune, Prior
@@ -279,6 +280,22 @@ class ARPrior(nn.Module):
         device = self.class_emb.weight.device
         return torch.arange(2 * batch, device=device) >= batch
 
+    def log_probs(
+        self,
+        codes: torch.Tensor,
+        labels: torch.Tensor,
+        cfg_scale: float = 1.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ) -> torch.Tensor:
+        """Per position, the log-distribution (B, L, K) `sample` draws code i from given
+        codes_<i with the same settings: CFG, temperature, then top-k/top-p truncation and
+        renormalisation (truncated codes are -inf); differentiable, for RL."""
+        _check_sampling(cfg_scale, temperature)
+        logits = self._guided_logits(self._flat(codes), labels, cfg_scale) / temperature
+        return filter_logits(logits, top_k, top_p).log_softmax(-1)
+
     def log_prob(
         self,
         codes: torch.Tensor,
@@ -288,15 +305,10 @@ class ARPrior(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
     ) -> torch.Tensor:
-        """Sum over positions of log p(code_i | codes_<i, class) under the distribution `sample`
-        draws from with the same settings: CFG, temperature, then top-k/top-p truncation and
-        renormalisation -> (B,); differentiable, for RL. A code outside the truncated set
-        scores -inf."""
-        _check_sampling(cfg_scale, temperature)
-        codes = self._flat(codes)
-        logits = self._guided_logits(codes, labels, cfg_scale) / temperature
-        logp = filter_logits(logits, top_k, top_p).log_softmax(-1)
-        return logp.gather(-1, codes[..., None]).squeeze(-1).sum(dim=1)
+        """Sum over positions of log p(code_i | codes_<i, class) under `log_probs` -> (B,).
+        A code outside the truncated set scores -inf."""
+        logp = self.log_probs(codes, labels, cfg_scale, temperature, top_k, top_p)
+        return logp.gather(-1, self._flat(codes)[..., None]).squeeze(-1).sum(dim=1)
 
     @torch.no_grad()
     def nll_bits_per_code(self, codes: torch.Tensor, labels: torch.Tensor) -> float:
@@ -363,11 +375,28 @@ class ARPolicy(WholeSamplePolicy):
     def __init__(self, gen: Generator, reference: nn.Module, cfg: Finetune, cfg_scale: float):
         super().__init__(gen, reference, cfg, cfg_scale)
         self.top_k, self.top_p = gen.sampling.get("top_k"), gen.sampling.get("top_p")
+        self.exact = cfg.kl_estimator == "exact"
 
     def _log_prob(self, net: nn.Module, codes: torch.Tensor, labels: torch.Tensor):
         assert isinstance(net, ARPrior)
         truncate = {"top_k": self.top_k, "top_p": self.top_p} if net is self.net else {}
         return net.log_prob(codes, labels, self.cfg_scale, self.temperature, **truncate)[:, None]
+
+    def rollout(self, labels: torch.Tensor, generator: torch.Generator) -> Rollout:
+        roll = super().rollout(labels, generator)
+        if self.exact:
+            with torch.no_grad():
+                roll.exact_kl = self.kl(roll)
+        return roll
+
+    def kl(self, rollout: Rollout) -> torch.Tensor:
+        """Exact KL per sample to the untruncated reference, summed over the grid (B,)."""
+        codes, labels = rollout.replay, rollout.labels
+        truncate = {"top_k": self.top_k, "top_p": self.top_p}
+        logp = self.net.log_probs(codes, labels, self.cfg_scale, self.temperature, **truncate)  # type: ignore[operator]
+        with torch.no_grad():
+            ref = self.reference.log_probs(codes, labels, self.cfg_scale, self.temperature)  # type: ignore[operator]
+        return kl_exact(logp, ref)
 
     def _sample(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         assert isinstance(self.net, ARPrior)
