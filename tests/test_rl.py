@@ -451,7 +451,8 @@ def test_exact_kl_of_the_untrained_ar_policy_is_the_cost_of_truncation():
     assert torch.allclose(roll.kl_per_sample(), expected, atol=1e-5)
     kl = policy.kl(roll)
     kl.sum().backward()  # differentiable, for the penalty
-    assert policy.net.head.weight.grad is not None
+    grads = [p.grad for p in policy.net.parameters() if p.grad is not None]
+    assert grads and all(g.isfinite().all() for g in grads)  # no NaN from truncated codes
 
 
 def test_exact_kl_is_refused_for_a_kind_without_it():
@@ -467,3 +468,4 @@ def test_training_with_the_exact_kl_runs_and_starts_at_zero_kl():
     result = finetune.train(policy, reward, cfg, CLASSES, torch.Generator().manual_seed(0))
     assert result.history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert result.history[-1]["kl"] > 1e-4
+    assert result.steps_run == 4  # every update had a finite loss

@@ -87,8 +87,9 @@ def kl_exact(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     codes, which contribute 0). Unlike a k3 estimate at the sampled codes it has no sampling
     noise, and a policy that computes the logits for its log-prob gets it for free."""
     p = logp.exp()
-    terms = torch.where(p > 0, p * (logp - ref_logp.detach()), torch.zeros_like(p))
-    return terms.sum(dim=(1, 2))
+    # mask -inf before the product: 0 * -inf is NaN, in the backward pass too
+    finite = torch.where(p > 0, logp, torch.zeros_like(logp))
+    return (p * (finite - ref_logp.detach())).sum(dim=(1, 2))
 
 
 def group_diversity(images: torch.Tensor, group_size: int) -> float:
