@@ -208,7 +208,7 @@ class Finetune(Section):
         "grpo", description="grpo: centred and divided by the group std; dr_grpo: centred only"
     )
     adv_std_floor: float = Field(
-        0.0, ge=0, description="grpo: the group std divided by is at least this (reward units)"
+        0.1, ge=0, description="grpo: the group std divided by is at least this (reward units)"
     )
     inner_iters: int = Field(2, ge=1, description="optimiser updates per batch of samples")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip of the importance ratio")
