@@ -455,9 +455,15 @@ def test_exact_kl_of_the_untrained_ar_policy_is_the_cost_of_truncation():
     assert grads and all(g.isfinite().all() for g in grads)  # no NaN from truncated codes
 
 
-def test_exact_kl_is_refused_for_a_kind_without_it():
+def test_exact_kl_is_refused_for_a_kind_without_it_and_auto_picks_it_where_there():
     with pytest.raises(ValueError, match="finetune.kl_estimator"):
         finetune.make_policy(tiny_generator("diffusion"), Finetune(kl_estimator="exact"))
+    labels, rng = torch.tensor([0, 1]), torch.Generator().manual_seed(0)
+    for kind, estimator, exact in [("ar", "auto", True), ("ar", "k3", False)] + [
+        ("diffusion", "auto", False)
+    ]:
+        policy, _ = finetune.make_policy(tiny_generator(kind), Finetune(kl_estimator=estimator))
+        assert (policy.rollout(labels, rng).exact_kl is not None) == exact
 
 
 def test_training_with_the_exact_kl_runs_and_starts_at_zero_kl():

@@ -213,8 +213,10 @@ class Finetune(Section):
     inner_iters: int = Field(2, ge=1, description="optimiser updates per batch of samples")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip of the importance ratio")
     beta: float = Field(0.05, ge=0, description="weight of the KL penalty to the prior")
-    kl_estimator: Literal["k3", "exact"] = Field(
-        "k3", description="k3 at the sampled actions, or exact per code (ar) for penalty and rails"
+    kl_estimator: Literal["auto", "k3", "exact"] = Field(
+        "auto",
+        description="k3 at the sampled actions, or exact per code (ar); auto: exact where the "
+        "kind has it",
     )
     kl_bound: float = Field(5.0, gt=0, description="stop early when the KL per sample passes it")
     rail_window: int = Field(

@@ -83,7 +83,7 @@ def update(
     for _ in range(cfg.inner_iters):
         logp = policy.log_prob(roll)
         surrogate, clip_frac = rl.clipped_surrogate(logp, roll.old_logp, adv, cfg.clip_eps)
-        exact = cfg.kl_estimator == "exact"  # make_policy checked the policy has `kl`
+        exact = roll.exact_kl is not None  # the policy has `kl` and the params asked for it
         kl = policy.kl(roll) if exact else rl.kl_k3(logp, roll.ref_logp)  # type: ignore[attr-defined]
         loss = surrogate + cfg.beta * kl.mean()
         opt.zero_grad(set_to_none=True)

@@ -375,7 +375,7 @@ class ARPolicy(WholeSamplePolicy):
     def __init__(self, gen: Generator, reference: nn.Module, cfg: Finetune, cfg_scale: float):
         super().__init__(gen, reference, cfg, cfg_scale)
         self.top_k, self.top_p = gen.sampling.get("top_k"), gen.sampling.get("top_p")
-        self.exact = cfg.kl_estimator == "exact"
+        self.exact = cfg.kl_estimator != "k3"
 
     def _log_prob(self, net: nn.Module, codes: torch.Tensor, labels: torch.Tensor):
         assert isinstance(net, ARPrior)
