@@ -2,9 +2,11 @@
 
 Each step takes `prompts_per_step` class labels (cycled through the classes) and samples
 `group_size` images for each from the current policy; the rewards (genpipe.rewards) become
-advantages within each group; `inner_iters` updates then follow the clipped surrogate plus
-beta times the k3 KL to the frozen prior (genpipe.rl), both taken per action: a whole code
-grid for `ar`; each Gaussian step of stochastic DDIM for `diffusion` (a random share of them).
+advantages within each group (`advantage`, `adv_std_floor`); `inner_iters` updates then
+follow the clipped surrogate plus beta times the KL to the frozen prior (genpipe.rl), both
+taken per action: a whole code grid for `ar` (sampled from the served top-k/top-p
+distribution; KL exact per code unless `kl_estimator: k3`); each Gaussian step of
+stochastic DDIM for `diffusion` (a random share of them; k3 KL).
 
 Rails: the KL per sample (over the whole generation) and the mean reward are measured on
 every batch and averaged over the last `rail_window` batches; past `kl_bound` training stops,
