@@ -475,3 +475,22 @@ def test_training_with_the_exact_kl_runs_and_starts_at_zero_kl():
     assert result.history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert result.history[-1]["kl"] > 1e-4
     assert result.steps_run == 4  # every update had a finite loss
+
+
+def test_ar_log_prob_of_a_truncated_code_is_a_finite_floor():
+    """Sampling (KV cache) and scoring (teacher forcing) can round a boundary code to opposite
+    sides of the nucleus; its log-prob must stay finite so the RL ratio is not NaN."""
+    from genpipe.models.priors.ar import CODE_LOG_PROB_FLOOR
+
+    torch.manual_seed(0)
+    prior = ARPrior(32, (2, 2), CLASSES, dim=16, depth=1, heads=2).eval()
+    with torch.no_grad():
+        prior.head.weight.normal_(0, 0.5)
+    codes, labels = torch.randint(0, 32, (6, 2, 2)), torch.tensor([0, 1, 2, 0, 1, 2])
+    kept = prior.log_probs(codes, labels, 2.0, 1.0, top_p=0.3).isfinite()
+    outside = ~kept.gather(-1, codes.flatten(1)[..., None]).squeeze(-1).all(dim=1)
+    assert outside.any()
+    logp = prior.log_prob(codes, labels, 2.0, 1.0, top_p=0.3)
+    assert logp.isfinite().all() and (logp[outside] <= CODE_LOG_PROB_FLOOR).all()
+    loss, _ = rl.clipped_surrogate(logp, logp.detach(), torch.ones(6), 0.2)
+    assert loss.isfinite()

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from genpipe.generator import Generator
 
 POSITIONS = ("rope2d", "learned")
+CODE_LOG_PROB_FLOOR = -100.0  # log-prob of a code outside the top-k/top-p set (see log_prob)
 
 
 def rope2d_tables(grid: tuple[int, int], head_dim: int, base: float = 10000.0):
@@ -306,9 +307,12 @@ class ARPrior(nn.Module):
         top_p: float | None = None,
     ) -> torch.Tensor:
         """Sum over positions of log p(code_i | codes_<i, class) under `log_probs` -> (B,).
-        A code outside the truncated set scores -inf."""
+        A code outside the truncated set scores CODE_LOG_PROB_FLOOR, not -inf: a sampled code
+        on the nucleus boundary can fall outside it here, as the cached and teacher-forced
+        logits round differently, and -inf - -inf would make its RL ratio NaN."""
         logp = self.log_probs(codes, labels, cfg_scale, temperature, top_k, top_p)
-        return logp.gather(-1, self._flat(codes)[..., None]).squeeze(-1).sum(dim=1)
+        picked = logp.gather(-1, self._flat(codes)[..., None]).squeeze(-1)
+        return picked.clamp(min=CODE_LOG_PROB_FLOOR).sum(dim=1)
 
     @torch.no_grad()
     def nll_bits_per_code(self, codes: torch.Tensor, labels: torch.Tensor) -> float:
