@@ -46,6 +46,37 @@ def test_group_advantages_normalise_within_each_group():
         rl.group_advantages(rewards, 4)
 
 
+def _near_tie_and_failure() -> torch.Tensor:
+    """Two groups of 8 at a capped log-confidence: seven at the cap (0.99) and one a hair
+    below it (0.989), then seven at the cap and one misclassified (0.1)."""
+    cap = math.log(0.99)
+    near = torch.tensor([cap] * 7 + [math.log(0.989)])
+    wrong = torch.tensor([cap] * 7 + [math.log(0.1)])
+    return torch.cat([near, wrong])
+
+
+def test_plain_grpo_inflates_a_near_tie_to_almost_a_failure():
+    adv = rl.group_advantages(_near_tie_and_failure(), 8)
+    assert adv[7].item() == pytest.approx(-2.04, abs=0.01)
+    assert adv[15].item() == pytest.approx(-2.65, abs=0.01)
+
+
+def test_std_floor_and_dr_grpo_keep_a_near_tie_small_against_a_failure():
+    rewards = _near_tie_and_failure()
+    for adv in (
+        rl.group_advantages(rewards, 8, std_floor=0.1),
+        rl.group_advantages(rewards, 8, mode="dr_grpo"),
+    ):
+        assert adv.view(2, 8).mean(dim=1).abs().max() < 1e-6
+        assert abs(adv[7].item()) < 0.01 * abs(adv[15].item())
+    floored = rl.group_advantages(rewards, 8, std_floor=0.1)
+    assert floored[15].item() == pytest.approx(-2.65, abs=0.01)  # above the floor: unchanged
+    dr = rl.group_advantages(rewards, 8, mode="dr_grpo")
+    assert dr[15].item() == pytest.approx(7 / 8 * (math.log(0.1) - math.log(0.99)), rel=1e-5)
+    with pytest.raises(ValueError, match="advantage mode"):
+        rl.group_advantages(rewards, 8, mode="ppo")
+
+
 def test_clipped_surrogate_gradient_raises_log_prob_of_advantaged_samples():
     old = torch.tensor([-2.0, -2.0])
     logp = old.clone().requires_grad_(True)
@@ -245,9 +276,11 @@ def test_bad_finetune_params_are_refused_before_any_work(section, message):
 # ---------------------------------------------------------------- the training loop
 
 
-def tiny_tokenizer() -> VQAutoencoder:
+def tiny_tokenizer(codebook_size: int = 8) -> VQAutoencoder:
     torch.manual_seed(0)
-    return VQAutoencoder(1, (4, 8), 0, 4, "vq", codebook_size=8, kmeans_init=False).eval()
+    return VQAutoencoder(
+        1, (4, 8), 0, 4, "vq", codebook_size=codebook_size, kmeans_init=False
+    ).eval()
 
 
 def tiny_denoiser() -> Denoiser:
@@ -360,3 +393,104 @@ def test_resume_from_a_checkpoint_gives_the_same_result(tmp_path):
     resumed, resumed_weights = run(checkpoint)
     assert resumed.history == straight.history
     assert all(torch.equal(v, weights[k]) for k, v in resumed_weights.items())
+
+
+def test_ar_policy_scores_the_truncated_distribution_it_samples_from(monkeypatch):
+    """The log-prob RL trains on is the sum of the log-probs of the very (top-p truncated,
+    renormalised) distributions the codes were drawn from, as served; the reference is scored
+    untruncated."""
+    from genpipe.models.priors import ar
+
+    torch.manual_seed(0)
+    prior = ARPrior(32, (2, 2), CLASSES, dim=16, depth=1, heads=2).eval()
+    with torch.no_grad():
+        prior.head.weight.normal_(0, 0.5)  # spread logits so the nucleus drops codes
+    sampling = {"cfg_scale": 2.0, "top_k": None, "top_p": 0.5}
+    gen = Generator(tiny_tokenizer(32), prior, "ar", sampling)
+    policy, reference = finetune.make_policy(gen, Finetune(temperature=0.8))
+    drawn: list[torch.Tensor] = []
+    real_draw = ar.sample_categorical
+
+    def recording_draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        codes = real_draw(probs, generator)
+        drawn.append(probs.gather(1, codes[:, None]).squeeze(1).log())
+        assert (probs == 0).any()  # truncation removed codes
+        return codes
+
+    monkeypatch.setattr(ar, "sample_categorical", recording_draw)
+    roll = policy.rollout(torch.tensor([0, 1, 2, 0]), torch.Generator().manual_seed(0))
+    expected = torch.stack(drawn, dim=1).sum(dim=1)
+    assert torch.allclose(roll.old_logp[:, 0], expected, atol=1e-5)
+    assert torch.allclose(policy.log_prob(roll)[:, 0], expected, atol=1e-5)
+    untruncated = reference.log_prob(roll.replay, roll.labels, 2.0, 0.8)
+    assert torch.allclose(roll.ref_logp[:, 0], untruncated, atol=1e-5)
+    assert (roll.ref_logp < roll.old_logp).all()  # renormalising raised every sampled code
+
+
+def test_kl_exact_matches_analytic_kl_and_ignores_truncated_codes():
+    p = torch.tensor([[[0.5, 0.5, 0.0]]])
+    q = torch.tensor([[[0.25, 0.25, 0.5]]])
+    got = rl.kl_exact(p.log(), q.log())
+    assert got.item() == pytest.approx(math.log(2), rel=1e-6)  # 0 * log 0 counts as 0
+
+
+def test_exact_kl_of_the_untrained_ar_policy_is_the_cost_of_truncation():
+    """At the start policy == prior up to the nucleus, so the KL per code is -log(kept mass)."""
+    torch.manual_seed(0)
+    prior = ARPrior(32, (2, 2), CLASSES, dim=16, depth=1, heads=2).eval()
+    with torch.no_grad():
+        prior.head.weight.normal_(0, 0.5)
+    gen = Generator(tiny_tokenizer(32), prior, "ar", {"cfg_scale": 2.0, "top_p": 0.5})
+    policy, reference = finetune.make_policy(gen, Finetune(kl_estimator="exact"))
+    roll = policy.rollout(torch.tensor([0, 1, 2, 0]), torch.Generator().manual_seed(0))
+    kept = policy.net.log_probs(roll.replay, roll.labels, 2.0, 1.0, top_p=0.5).isfinite()
+    full = reference.log_probs(roll.replay, roll.labels, 2.0, 1.0).exp()
+    expected = -(full * kept).sum(dim=-1).log().sum(dim=1)
+    assert (expected > 0.1).all()
+    assert torch.allclose(roll.exact_kl, expected, atol=1e-5)
+    assert torch.allclose(roll.kl_per_sample(), expected, atol=1e-5)
+    kl = policy.kl(roll)
+    kl.sum().backward()  # differentiable, for the penalty
+    grads = [p.grad for p in policy.net.parameters() if p.grad is not None]
+    assert grads and all(g.isfinite().all() for g in grads)  # no NaN from truncated codes
+
+
+def test_exact_kl_is_refused_for_a_kind_without_it_and_auto_picks_it_where_there():
+    with pytest.raises(ValueError, match="finetune.kl_estimator"):
+        finetune.make_policy(tiny_generator("diffusion"), Finetune(kl_estimator="exact"))
+    labels, rng = torch.tensor([0, 1]), torch.Generator().manual_seed(0)
+    for kind, estimator, exact in [("ar", "auto", True), ("ar", "k3", False)] + [
+        ("diffusion", "auto", False)
+    ]:
+        policy, _ = finetune.make_policy(tiny_generator(kind), Finetune(kl_estimator=estimator))
+        assert (policy.rollout(labels, rng).exact_kl is not None) == exact
+
+
+def test_training_with_the_exact_kl_runs_and_starts_at_zero_kl():
+    gen = tiny_generator("ar")
+    cfg = CFG.model_copy(update={"kl_estimator": "exact"})
+    policy, _ = finetune.make_policy(gen, cfg)
+    reward = WeightedReward({"brightness": 1.0}, {"brightness": brightness})
+    result = finetune.train(policy, reward, cfg, CLASSES, torch.Generator().manual_seed(0))
+    assert result.history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert result.history[-1]["kl"] > 1e-4
+    assert result.steps_run == 4  # every update had a finite loss
+
+
+def test_ar_log_prob_of_a_truncated_code_is_a_finite_floor():
+    """Sampling (KV cache) and scoring (teacher forcing) can round a boundary code to opposite
+    sides of the nucleus; its log-prob must stay finite so the RL ratio is not NaN."""
+    from genpipe.models.priors.ar import CODE_LOG_PROB_FLOOR
+
+    torch.manual_seed(0)
+    prior = ARPrior(32, (2, 2), CLASSES, dim=16, depth=1, heads=2).eval()
+    with torch.no_grad():
+        prior.head.weight.normal_(0, 0.5)
+    codes, labels = torch.randint(0, 32, (6, 2, 2)), torch.tensor([0, 1, 2, 0, 1, 2])
+    kept = prior.log_probs(codes, labels, 2.0, 1.0, top_p=0.3).isfinite()
+    outside = ~kept.gather(-1, codes.flatten(1)[..., None]).squeeze(-1).all(dim=1)
+    assert outside.any()
+    logp = prior.log_prob(codes, labels, 2.0, 1.0, top_p=0.3)
+    assert logp.isfinite().all() and (logp[outside] <= CODE_LOG_PROB_FLOOR).all()
+    loss, _ = rl.clipped_surrogate(logp, logp.detach(), torch.ones(6), 0.2)
+    assert loss.isfinite()

@@ -208,9 +208,20 @@ class Finetune(Section):
     steps: int = Field(60, ge=1, description="policy-gradient steps (one batch of samples each)")
     prompts_per_step: int = Field(10, ge=1, description="class labels per step, cycled")
     group_size: int = Field(8, ge=2, description="samples per prompt; advantages within a group")
+    advantage: Literal["grpo", "dr_grpo"] = Field(
+        "grpo", description="grpo: centred and divided by the group std; dr_grpo: centred only"
+    )
+    adv_std_floor: float = Field(
+        0.1, ge=0, description="grpo: the group std divided by is at least this (reward units)"
+    )
     inner_iters: int = Field(2, ge=1, description="optimiser updates per batch of samples")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip of the importance ratio")
-    beta: float = Field(0.05, ge=0, description="weight of the k3 KL penalty to the prior")
+    beta: float = Field(0.05, ge=0, description="weight of the KL penalty to the prior")
+    kl_estimator: Literal["auto", "k3", "exact"] = Field(
+        "auto",
+        description="k3 at the sampled actions, or exact per code (ar); auto: exact where the "
+        "kind has it",
+    )
     kl_bound: float = Field(5.0, gt=0, description="stop early when the KL per sample passes it")
     rail_window: int = Field(
         5, ge=1, description="batches averaged for the KL bound and for choosing the best step"

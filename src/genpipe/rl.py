@@ -22,18 +22,36 @@ ADV_EPS = 1e-4
 MAX_LOG_RATIO = 20.0
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = ADV_EPS) -> torch.Tensor:
-    """(reward - group mean) / (group std + eps): each sample is judged only against samples of
-    the same prompt, so no value network is needed and easy prompts don't dominate. A group whose
-    rewards are all equal gets zero advantage (no signal), not a division blow-up."""
+ADVANTAGES = ("grpo", "dr_grpo")
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    mode: str = "grpo",
+    std_floor: float = 0.0,
+    eps: float = ADV_EPS,
+) -> torch.Tensor:
+    """Reward minus its group mean: each sample is judged only against samples of the same
+    prompt, so no value network is needed. `grpo` then divides by max(group std, std_floor)
+    + eps, so easy and hard prompts weigh the same; without a floor that scale-invariance turns
+    a near-tie (seven samples at a capped reward, one a hair below) into advantages as large
+    as a real failure's. `dr_grpo` (Dr. GRPO) does not divide at all: advantages keep the
+    reward's own scale. A group whose rewards are all equal gets zero advantage."""
     if group_size < 2 or rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(
             f"rewards {tuple(rewards.shape)} must be 1-D and split into groups of {group_size} >= 2"
         )
+    if mode not in ADVANTAGES:
+        raise ValueError(f"advantage mode must be one of {ADVANTAGES}, got {mode!r}")
+    if std_floor < 0:
+        raise ValueError(f"std_floor must be >= 0, got {std_floor}")
     groups = rewards.float().view(-1, group_size)
-    mean = groups.mean(dim=1, keepdim=True)
-    std = groups.std(dim=1, keepdim=True, unbiased=False)
-    return ((groups - mean) / (std + eps)).flatten()
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if mode == "dr_grpo":
+        return centred.flatten()
+    std = groups.std(dim=1, keepdim=True, unbiased=False).clamp(min=std_floor)
+    return (centred / (std + eps)).flatten()
 
 
 def _per_step(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -63,6 +81,17 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return log_r.exp() - 1 - log_r
 
 
+def kl_exact(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Exact KL(policy || reference) per sample, summed over its positions, from the full
+    per-position log-distributions (B, L, K) of both; the policy's may be -inf (truncated
+    codes, which contribute 0). Unlike a k3 estimate at the sampled codes it has no sampling
+    noise, and a policy that computes the logits for its log-prob gets it for free."""
+    p = logp.exp()
+    # mask -inf before the product: 0 * -inf is NaN, in the backward pass too
+    finite = torch.where(p > 0, logp, torch.zeros_like(logp))
+    return (p * (finite - ref_logp.detach())).sum(dim=(1, 2))
+
+
 def group_diversity(images: torch.Tensor, group_size: int) -> float:
     """Mean pairwise L2 distance between the images of each group, averaged over groups: falls
     towards 0 when RL collapses a prompt onto one image (mode collapse)."""
@@ -85,9 +114,13 @@ class Rollout:
     ref_logp: torch.Tensor
     replay: Any
     total_steps: int
+    exact_kl: torch.Tensor | None = None  # (B,) when the policy computes it (kl_estimator)
 
     def kl_per_sample(self) -> torch.Tensor:
-        """k3 estimate of KL(policy || prior) over a sample's whole generation, (B,)."""
+        """KL(policy || prior) over a sample's whole generation, (B,): exact where the policy
+        gave it, else the k3 estimate."""
+        if self.exact_kl is not None:
+            return self.exact_kl
         return kl_k3(self.old_logp, self.ref_logp).mean(dim=1) * self.total_steps
 
 
@@ -99,3 +132,10 @@ class Policy(Protocol):
     def rollout(self, labels: torch.Tensor, generator: torch.Generator) -> Rollout: ...
 
     def log_prob(self, rollout: Rollout) -> torch.Tensor: ...
+
+
+class ExactKLPolicy(Policy, Protocol):
+    """A policy that also gives the exact KL per sample to its reference, differentiable
+    (`finetune.kl_estimator: exact`)."""
+
+    def kl(self, rollout: Rollout) -> torch.Tensor: ...

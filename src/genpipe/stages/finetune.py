@@ -2,9 +2,11 @@
 
 Each step takes `prompts_per_step` class labels (cycled through the classes) and samples
 `group_size` images for each from the current policy; the rewards (genpipe.rewards) become
-advantages within each group; `inner_iters` updates then follow the clipped surrogate plus
-beta times the k3 KL to the frozen prior (genpipe.rl), both taken per action: a whole code
-grid for `ar`; each Gaussian step of stochastic DDIM for `diffusion` (a random share of them).
+advantages within each group (`advantage`, `adv_std_floor`); `inner_iters` updates then
+follow the clipped surrogate plus beta times the KL to the frozen prior (genpipe.rl), both
+taken per action: a whole code grid for `ar` (sampled from the served top-k/top-p
+distribution; KL exact per code unless `kl_estimator: k3`); each Gaussian step of
+stochastic DDIM for `diffusion` (a random share of them; k3 KL).
 
 Rails: the KL per sample (over the whole generation) and the mean reward are measured on
 every batch and averaged over the last `rail_window` batches; past `kl_bound` training stops,
@@ -59,7 +61,13 @@ def make_policy(gen: Generator, cfg: Finetune) -> tuple[Policy, nn.Module]:
     cfg_scale = cfg.cfg_scale
     if cfg_scale is None:
         cfg_scale = float(gen.sampling.get("cfg_scale", 1.0))
-    return gen.kind_of.policy(gen, reference, cfg, cfg_scale), reference
+    policy = gen.kind_of.policy(gen, reference, cfg, cfg_scale)
+    if cfg.kl_estimator == "exact" and not hasattr(policy, "kl"):
+        raise ValueError(
+            f"finetune.kl_estimator: 'exact' needs a policy that computes the KL (ar); "
+            f"the {gen.kind!r} prior's does not: set it to 'k3'"
+        )
+    return policy, reference
 
 
 def prompts(step: int, cfg: Finetune, num_classes: int, device: torch.device) -> torch.Tensor:
@@ -77,7 +85,9 @@ def update(
     for _ in range(cfg.inner_iters):
         logp = policy.log_prob(roll)
         surrogate, clip_frac = rl.clipped_surrogate(logp, roll.old_logp, adv, cfg.clip_eps)
-        loss = surrogate + cfg.beta * rl.kl_k3(logp, roll.ref_logp).mean()
+        exact = roll.exact_kl is not None  # the policy has `kl` and the params asked for it
+        kl = policy.kl(roll) if exact else rl.kl_k3(logp, roll.ref_logp)  # type: ignore[attr-defined]
+        loss = surrogate + cfg.beta * kl.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -86,6 +96,11 @@ def update(
         losses.append(float(loss.detach()))
         clips.append(float(clip_frac))
     return {"loss": sum(losses) / len(losses), "clip_frac": sum(clips) / len(clips)}
+
+
+def advantages(rewards: torch.Tensor, cfg: Finetune) -> torch.Tensor:
+    """Group advantages as `finetune.advantage` and `finetune.adv_std_floor` say."""
+    return rl.group_advantages(rewards, cfg.group_size, cfg.advantage, cfg.adv_std_floor)
 
 
 def window_mean(rows: list[dict[str, float]], key: str, window: int) -> float:
@@ -157,7 +172,7 @@ def train(
         if stopped or step == cfg.steps:
             history.append(row)
             break
-        row.update(update(policy, opt, roll, rl.group_advantages(total, cfg.group_size), cfg))
+        row.update(update(policy, opt, roll, advantages(total, cfg), cfg))
         history.append(row)
         if checkpoint is not None:
             state = {"net": net.state_dict(), "opt": opt.state_dict(), "history": history}

@@ -26,14 +26,17 @@ from genpipe.models.priors.base import (
     PriorKind,
     Settings,
     Tensor,
+    WholeSamplePolicy,
     transformer_arch,
 )
+from genpipe.rl import Rollout, kl_exact
 
 if TYPE_CHECKING:
-    from genpipe.config import Prior
+    from genpipe.config import Finetune, Prior
     from genpipe.generator import Generator
 
 POSITIONS = ("rope2d", "learned")
+CODE_LOG_PROB_FLOOR = -100.0  # log-prob of a code outside the top-k/top-p set (see log_prob)
 
 
 def rope2d_tables(grid: tuple[int, int], head_dim: int, base: float = 10000.0):
@@ -278,19 +281,38 @@ class ARPrior(nn.Module):
         device = self.class_emb.weight.device
         return torch.arange(2 * batch, device=device) >= batch
 
+    def log_probs(
+        self,
+        codes: torch.Tensor,
+        labels: torch.Tensor,
+        cfg_scale: float = 1.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ) -> torch.Tensor:
+        """Per position, the log-distribution (B, L, K) `sample` draws code i from given
+        codes_<i with the same settings: CFG, temperature, then top-k/top-p truncation and
+        renormalisation (truncated codes are -inf); differentiable, for RL."""
+        _check_sampling(cfg_scale, temperature)
+        logits = self._guided_logits(self._flat(codes), labels, cfg_scale) / temperature
+        return filter_logits(logits, top_k, top_p).log_softmax(-1)
+
     def log_prob(
         self,
         codes: torch.Tensor,
         labels: torch.Tensor,
         cfg_scale: float = 1.0,
         temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
     ) -> torch.Tensor:
-        """Sum over positions of log p(code_i | codes_<i, class) under the sampling distribution
-        (CFG and temperature, no top-k/top-p truncation) -> (B,); differentiable, for RL."""
-        _check_sampling(cfg_scale, temperature)
-        codes = self._flat(codes)
-        logp = (self._guided_logits(codes, labels, cfg_scale) / temperature).log_softmax(-1)
-        return logp.gather(-1, codes[..., None]).squeeze(-1).sum(dim=1)
+        """Sum over positions of log p(code_i | codes_<i, class) under `log_probs` -> (B,).
+        A code outside the truncated set scores CODE_LOG_PROB_FLOOR, not -inf: a sampled code
+        on the nucleus boundary can fall outside it here, as the cached and teacher-forced
+        logits round differently, and -inf - -inf would make its RL ratio NaN."""
+        logp = self.log_probs(codes, labels, cfg_scale, temperature, top_k, top_p)
+        picked = logp.gather(-1, self._flat(codes)[..., None]).squeeze(-1)
+        return picked.clamp(min=CODE_LOG_PROB_FLOOR).sum(dim=1)
 
     @torch.no_grad()
     def nll_bits_per_code(
@@ -354,6 +376,51 @@ def _check_sampling(cfg_scale: float, temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+class ARPolicy(WholeSamplePolicy):
+    """The AR prior as a policy that samples and scores the distribution it is served with:
+    CFG, temperature and the prior file's top-k/top-p truncation, renormalised. The reference
+    prior is scored untruncated, so the KL penalty and bound measure the distance to the full
+    prior (finite even where a code falls outside the reference's own nucleus), and start at
+    the truncation's cost: about -log(kept mass) per code."""
+
+    def __init__(self, gen: Generator, reference: nn.Module, cfg: Finetune, cfg_scale: float):
+        super().__init__(gen, reference, cfg, cfg_scale)
+        self.top_k, self.top_p = gen.sampling.get("top_k"), gen.sampling.get("top_p")
+        self.exact = cfg.kl_estimator != "k3"
+
+    def _log_prob(self, net: nn.Module, codes: torch.Tensor, labels: torch.Tensor):
+        assert isinstance(net, ARPrior)
+        truncate = {"top_k": self.top_k, "top_p": self.top_p} if net is self.net else {}
+        return net.log_prob(codes, labels, self.cfg_scale, self.temperature, **truncate)[:, None]
+
+    def rollout(self, labels: torch.Tensor, generator: torch.Generator) -> Rollout:
+        roll = super().rollout(labels, generator)
+        if self.exact:
+            with torch.no_grad():
+                roll.exact_kl = self.kl(roll)
+        return roll
+
+    def kl(self, rollout: Rollout) -> torch.Tensor:
+        """Exact KL per sample to the untruncated reference, summed over the grid (B,)."""
+        codes, labels = rollout.replay, rollout.labels
+        truncate = {"top_k": self.top_k, "top_p": self.top_p}
+        logp = self.net.log_probs(codes, labels, self.cfg_scale, self.temperature, **truncate)  # type: ignore[operator]
+        with torch.no_grad():
+            ref = self.reference.log_probs(codes, labels, self.cfg_scale, self.temperature)  # type: ignore[operator]
+        return kl_exact(logp, ref)
+
+    def _sample(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        assert isinstance(self.net, ARPrior)
+        return self.net.sample(
+            labels,
+            generator,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            cfg_scale=self.cfg_scale,
+        )
+
+
 class ARKind(PriorKind):
     name = "ar"
     module = ARPrior
@@ -391,6 +458,9 @@ class ARKind(PriorKind):
             top_p=s.get("top_p"),
             cfg_scale=s.get("cfg_scale", 1.0),
         )
+
+    def policy(self, gen: Generator, reference: nn.Module, cfg: Finetune, cfg_scale: float):
+        return ARPolicy(gen, reference, cfg, cfg_scale)
 
 
 KIND = ARKind()

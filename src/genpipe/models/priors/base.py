@@ -128,11 +128,14 @@ class WholeSamplePolicy:
     def _log_prob(self, net: nn.Module, codes: torch.Tensor, labels: torch.Tensor):
         return net.log_prob(codes, labels, self.cfg_scale, self.temperature)[:, None]  # type: ignore[operator]
 
+    def _sample(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.net.sample(  # type: ignore[operator]
+            labels, generator, temperature=self.temperature, cfg_scale=self.cfg_scale
+        )
+
     def rollout(self, labels: torch.Tensor, generator: torch.Generator) -> Rollout:
         with torch.no_grad():
-            codes = self.net.sample(  # type: ignore[operator]
-                labels, generator, temperature=self.temperature, cfg_scale=self.cfg_scale
-            )
+            codes = self._sample(labels, generator)
             old = self._log_prob(self.net, codes, labels)
             ref = self._log_prob(self.reference, codes, labels)
             images = self.tokenizer.decode_codes(codes)
