@@ -171,10 +171,15 @@ class MaskGITPrior(nn.Module):
         return codes
 
     def forward(
-        self, codes: torch.Tensor, labels: torch.Tensor, drop_mask: torch.Tensor | None = None
+        self,
+        codes: torch.Tensor,
+        labels: torch.Tensor,
+        drop_mask: torch.Tensor | None = None,
+        cells: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Partly masked grids (B, L) or (B, h, w), codes in [0, K] with K = [MASK], and labels
-        (B,) -> logits (B, L, K) for every cell. `drop_mask` (B,) bool: use the null class."""
+        (B,) -> logits (B, L, K) for every cell, or (B, n, K) for the cells (B, n) indexed by
+        `cells` (sampling scores only the masked ones). `drop_mask` (B,) bool: null class."""
         codes = self._flat(codes)
         if drop_mask is not None:
             labels = torch.where(drop_mask, torch.full_like(labels, self.null_class), labels)
@@ -187,6 +192,8 @@ class MaskGITPrior(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope)
+        if cells is not None:
+            x = x.gather(1, cells[..., None].expand(-1, -1, x.shape[-1]))
         return self.head(self.ln_f(x))
 
     def random_mask(self, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -238,28 +245,36 @@ class MaskGITPrior(nn.Module):
         return total / self.seq_len / math.log(2)
 
     def guided_logits(
-        self, inputs: torch.Tensor, labels: torch.Tensor, cfg_scale: float
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        cfg_scale: float,
+        cells: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Float logits (B, L, K) with CFG: uncond + s * (cond - uncond), both halves in one
-        batch of 2B; at s = 1 only the conditional half runs."""
+        """Float logits (B, L or n, K) with CFG: uncond + s * (cond - uncond), both halves in
+        one batch of 2B; at s = 1 only the conditional half runs. `cells`: as in forward."""
         if cfg_scale == 1.0:
-            return self(inputs, labels).float()
+            return self(inputs, labels, None, cells).float()
         b = inputs.shape[0]
         drop = torch.arange(2 * b, device=inputs.device) >= b
-        cond, uncond = self(inputs.repeat(2, 1), labels.repeat(2), drop).float().chunk(2)
+        both_cells = None if cells is None else cells.repeat(2, 1)
+        both = self(inputs.repeat(2, 1), labels.repeat(2), drop, both_cells).float()
+        cond, uncond = both.chunk(2)
         return uncond + cfg_scale * (cond - uncond)
 
     def _step_log_probs(
         self,
         inputs: torch.Tensor,
         labels: torch.Tensor,
+        cells: torch.Tensor,
         cfg_scale: float,
         temperature: float,
         top_k: int | None,
         top_p: float | None,
     ) -> torch.Tensor:
-        """Log-probabilities (B, L, K) of the distribution codes are drawn from at one step."""
-        logits = self.guided_logits(inputs, labels, cfg_scale) / temperature
+        """Log-probabilities (B, n, K) of the distribution the codes of `cells` (B, n) are drawn
+        from at one step."""
+        logits = self.guided_logits(inputs, labels, cfg_scale, cells) / temperature
         return filter_logits(logits, top_k, top_p).log_softmax(-1)
 
     @torch.no_grad()
@@ -276,8 +291,8 @@ class MaskGITPrior(nn.Module):
     ) -> Trajectory:
         """Parallel decoding from an all-masked grid in `steps` steps (see `masking_schedule`).
 
-        Each step draws a code for every cell, then keeps, among the still-masked cells, those
-        whose drawn code has the highest log-probability plus Gumbel noise scaled by
+        Each step draws a code for every masked cell, then keeps those whose drawn code has the
+        highest log-probability plus Gumbel noise scaled by
         `choice_temperature` * (1 - t/T), annealed to 0 at the last step; the others are
         masked again. All draws come from `generator` on its own device.
         """
@@ -285,22 +300,22 @@ class MaskGITPrior(nn.Module):
         b, n, g_dev = labels.shape[0], self.seq_len, generator.device
         codes = torch.full((b, n), self.mask_token, dtype=torch.long, device=labels.device)
         inputs, fixed, logps = [], [], []
+        masked = n
         for t, masked_after in enumerate(masking_schedule(n, steps), start=1):
-            logp = self._step_log_probs(codes, labels, cfg_scale, temperature, top_k, top_p)
-            draws = sample_categorical(logp.exp().flatten(0, 1), generator).view(b, n)
+            cells = _cells_of(codes == self.mask_token, masked)
+            logp = self._step_log_probs(codes, labels, cells, cfg_scale, temperature, top_k, top_p)
+            draws = sample_categorical(logp.exp().flatten(0, 1), generator).view(cells.shape)
             draw_logp = logp.gather(-1, draws[..., None]).squeeze(-1)
-            u = torch.rand(b, n, generator=generator, device=g_dev).to(labels.device)
+            u = torch.rand(cells.shape, generator=generator, device=g_dev).to(labels.device)
             gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
             confidence = draw_logp + choice_temperature * (1.0 - t / steps) * gumbel
-            unknown = codes == self.mask_token
-            confidence = confidence.masked_fill(~unknown, float("-inf"))
-            fix_count = int(unknown[0].sum()) - masked_after  # the same for every row
-            chosen = confidence.topk(fix_count, dim=1).indices
-            now = torch.zeros_like(unknown).scatter_(1, chosen, True)
+            chosen = confidence.topk(masked - masked_after, dim=1).indices
+            masked = masked_after
+            where = cells.gather(1, chosen)
             inputs.append(codes.clone())
-            fixed.append(now)
-            logps.append(draw_logp.masked_fill(~now, 0.0).sum(1))
-            codes = torch.where(now, draws, codes)
+            fixed.append(torch.zeros_like(codes, dtype=torch.bool).scatter_(1, where, True))
+            logps.append(draw_logp.gather(1, chosen).sum(1))
+            codes = codes.scatter(1, where, draws.gather(1, chosen))
         return Trajectory(torch.stack(inputs), torch.stack(fixed), codes, torch.stack(logps, 1))
 
     @torch.no_grad()
@@ -335,9 +350,10 @@ class MaskGITPrior(nn.Module):
         _check_sampling(cfg_scale, temperature, 0.0)
         cols = []
         for inputs, fixed in zip(traj.inputs, traj.fixed, strict=True):
-            logp = self._step_log_probs(inputs, labels, cfg_scale, temperature, top_k, top_p)
-            picked = logp.gather(-1, traj.codes[..., None]).squeeze(-1)
-            cols.append(picked.masked_fill(~fixed, 0.0).sum(1))
+            cells = _cells_of(fixed, int(fixed[0].sum()))
+            logp = self._step_log_probs(inputs, labels, cells, cfg_scale, temperature, top_k, top_p)
+            codes = traj.codes.gather(1, cells)
+            cols.append(logp.gather(-1, codes[..., None]).squeeze(-1).sum(1))
         return torch.stack(cols, dim=1)
 
     def log_prob(
@@ -351,6 +367,12 @@ class MaskGITPrior(nn.Module):
     ) -> torch.Tensor:
         """(B,) sum over steps of `step_log_probs`: the policy log-probability of a sample."""
         return self.step_log_probs(traj, labels, cfg_scale, temperature, top_k, top_p).sum(1)
+
+
+def _cells_of(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices (B, n), ascending, of the True cells of a (B, L) mask with n of them in every
+    row; a sort rather than nonzero, whose data-dependent size would stall a GPU each step."""
+    return mask.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :n]
 
 
 def _check_sampling(cfg_scale: float, temperature: float, choice_temperature: float) -> None:
