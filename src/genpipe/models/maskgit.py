@@ -125,7 +125,8 @@ class MaskGITPrior(nn.Module):
             raise ValueError(f"rope2d needs head_dim = dim/heads divisible by 4, got {head_dim}")
         if not 0.0 <= class_dropout < 1.0:
             raise ValueError(f"class_dropout must be in [0, 1), got {class_dropout}")
-        self.vocab_size, self.grid, self.num_classes = vocab_size, tuple(grid), num_classes
+        self.vocab_size, self.num_classes = vocab_size, num_classes
+        self.grid: tuple[int, int] = (grid[0], grid[1])
         self.seq_len = grid[0] * grid[1]
         self.depth, self.class_dropout, self.pos = depth, class_dropout, pos
         self.tok_emb = nn.Embedding(vocab_size + 1, dim)  # index vocab_size = [MASK]
@@ -147,9 +148,11 @@ class MaskGITPrior(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
-        for block in self.blocks:
-            for proj in (block.attn.proj, block.mlp[2]):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.depth))
+        for block in self.modules():
+            if isinstance(block, Block):
+                for proj in (block.attn.proj, block.mlp[2]):
+                    assert isinstance(proj, nn.Linear)
+                    nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.depth))
 
     @property
     def mask_token(self) -> int:
