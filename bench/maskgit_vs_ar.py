@@ -5,7 +5,7 @@ against the test split and its ratio to the train-subset floor, precision/recall
 consistency, diversity) on `evaluate.samples_per_class` samples per class.
 
     python bench/maskgit_vs_ar.py [--root .] [--steps N] [--maskgit-steps 8 12]
-        [--choice-temperatures 4.5 1.0]
+        [--choice-temperatures 4.5 1.0] [--cfg-scales 2.0] [--kinds ar maskgit]
 
 Needs the outputs of `genpipe stage prepare` .. `tokenize` and `judges` under --root; the
 prior settings come from its params.yaml (`prior`), so this is the `prior` stage's recipe with
@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: prior.optim.steps")
     parser.add_argument("--maskgit-steps", type=int, nargs="+", default=[8, 12])
     parser.add_argument("--choice-temperatures", type=float, nargs="+", default=[4.5, 1.0])
+    parser.add_argument("--cfg-scales", type=float, nargs="+", default=None, help="MaskGIT's")
+    parser.add_argument("--kinds", nargs="+", choices=("ar", "maskgit"), default=["ar", "maskgit"])
     args = parser.parse_args()
     params = load_params(args.root / "params.yaml")
     cfg, seed = params.prior, params.base.seed
@@ -93,7 +95,8 @@ def main() -> None:
     print(
         f"optim steps {optim.steps}, batch {optim.batch_size}, lr {optim.lr}; sampling {sampling}"
     )
-    for name, cls in (("ar", ARPrior), ("maskgit", MaskGITPrior)):
+    priors = {"ar": ARPrior, "maskgit": MaskGITPrior}
+    for name, cls in ((k, priors[k]) for k in args.kinds):
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         model, last = train(cls(**arch), train_codes, train_y, optim, seed)
@@ -102,14 +105,15 @@ def main() -> None:
         runs = [{}]
         if name == "maskgit":
             runs = [
-                {"steps": t, "choice_temperature": c}
+                {"steps": t, "choice_temperature": c, "cfg_scale": s}
                 for t in args.maskgit_steps
                 for c in args.choice_temperatures
+                for s in args.cfg_scales or [cfg.cfg_scale]
             ]
         for extra in runs:
             g = torch.Generator().manual_seed(seed)
             t0 = time.perf_counter()
-            codes = model.sample(labels, g, **sampling, **extra)
+            codes = model.sample(labels, g, **{**sampling, **extra})
             sample_seconds = time.perf_counter() - t0
             with torch.no_grad():
                 images = tokenizer.decode_codes(codes)
