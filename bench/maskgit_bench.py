@@ -18,8 +18,8 @@ import argparse
 import torch
 from prior_bench import AR_ARCH, CLASSES, VOCAB, autocast, timed
 
-from genpipe.models.maskgit import MaskGITPrior
-from genpipe.models.transformer import ARPrior
+from genpipe.models.priors.ar import ARPrior
+from genpipe.models.priors.maskgit import MaskGITPrior
 
 SAMPLING = dict(cfg_scale=2.0, temperature=1.0, top_p=0.95)  # params.yaml `prior`
 GRIDS = ((4, 4), (7, 7))  # digits at 16 px, MNIST with one more down-sampling level

@@ -22,14 +22,14 @@ import torch
 from torch import nn
 
 from genpipe import evaluation
+from genpipe.artifacts.codes import load_codes
+from genpipe.artifacts.judges import load_judge
+from genpipe.artifacts.tokenizer import load_tokenizer
 from genpipe.config import load_params
 from genpipe.data.prepared import PREPARED, load_split
-from genpipe.models.maskgit import MaskGITPrior
-from genpipe.models.transformer import ARPrior
-from genpipe.stages.evaluate import floor_sample
-from genpipe.stages.judges import load_judge
-from genpipe.stages.tokenize import load_codes
-from genpipe.stages.tokenizer import load_tokenizer
+from genpipe.evaluation import floor_sample
+from genpipe.models.priors.ar import ARPrior
+from genpipe.models.priors.maskgit import MaskGITPrior
 from genpipe.training import EMA, batch_indices, make_optimizer
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genpipe.models.maskgit import MaskGITPrior, masking_schedule
+from genpipe.models.priors.maskgit import MaskGITPrior, masking_schedule
 
 K, GRID, CLASSES = 16, (3, 4), 4
 L = GRID[0] * GRID[1]

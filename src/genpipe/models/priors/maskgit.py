@@ -10,24 +10,43 @@ for it under class dropout, which is what classifier-free guidance (CFG) contras
 For RL, a sample's log-probability is the sum over steps of the log-probabilities of the codes
 fixed at that step, under the guided, tempered distribution they were drawn from; which cells
 get fixed (the confidence ranking) is treated as part of the environment, not of the policy.
+
+Kind `maskgit` (`KIND`): trained by masked-cell cross-entropy, validated by its order-agnostic
+NLL bound in bits per code, sampled in `prior.decoding_steps` parallel steps, fine-tuned by RL
+with a whole decoding trajectory as one action.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genpipe.models.transformer import (
+from genpipe.models.priors.ar import (
     POSITIONS,
     apply_rope,
     filter_logits,
     rope2d_tables,
     sample_categorical,
 )
+from genpipe.models.priors.base import (
+    RNG,
+    CodeSpace,
+    Metrics,
+    PriorKind,
+    Settings,
+    Tensor,
+    transformer_arch,
+)
+from genpipe.rl import Rollout
+
+if TYPE_CHECKING:
+    from genpipe.config import Finetune, Prior
+    from genpipe.generator import Generator
 
 
 def masking_schedule(num_codes: int, steps: int) -> list[int]:
@@ -385,3 +404,92 @@ def _check_sampling(cfg_scale: float, temperature: float, choice_temperature: fl
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if choice_temperature < 0:
         raise ValueError(f"choice_temperature must be >= 0, got {choice_temperature}")
+
+
+class MaskGITKind(PriorKind):
+    name = "maskgit"
+    module = MaskGITPrior
+    cfg_scale = 2.0
+
+    def from_params(self, cfg: Prior, space: CodeSpace) -> dict[str, Any]:
+        return {
+            "vocab_size": space.codebook_size,
+            **transformer_arch(cfg, space),
+            "dropout": cfg.dropout,
+            "class_dropout": cfg.class_dropout,
+            "pos": cfg.pos,
+        }
+
+    def sampling(self, cfg: Prior) -> dict[str, Any]:
+        return {
+            "cfg_scale": self.guidance(cfg),
+            "temperature": cfg.temperature,
+            "top_k": cfg.top_k,
+            "top_p": cfg.top_p,
+            "steps": cfg.decoding_steps,
+            "choice_temperature": cfg.choice_temperature,
+        }
+
+    def validate(
+        self, net: nn.Module, settings: Settings, x: Tensor, y: Tensor, seed: int
+    ) -> Metrics:
+        assert isinstance(net, MaskGITPrior)
+        return {"val_nll_bits_per_code_bound": net.nll_bits_per_code(x, y, seed)}
+
+    def sample_codes(self, gen: Generator, labels: Tensor, rng: RNG, **s: Any) -> Tensor:
+        assert isinstance(gen.prior, MaskGITPrior)
+        return gen.prior.sample(
+            labels,
+            rng,
+            temperature=s.get("temperature", 1.0),
+            top_k=s.get("top_k"),
+            top_p=s.get("top_p"),
+            cfg_scale=s.get("cfg_scale", 1.0),
+            steps=min(s.get("steps", 8), gen.prior.seq_len),
+            choice_temperature=s.get("choice_temperature", 4.5),
+        )
+
+    def policy(
+        self, gen: Generator, reference: nn.Module, cfg: Finetune, cfg_scale: float
+    ) -> MaskGITPolicy:
+        return MaskGITPolicy(gen, reference, cfg, cfg_scale)
+
+
+class MaskGITPolicy:
+    """Parallel decoding as a policy: a whole trajectory is one action, scored by the sum over
+    steps of the log-probabilities of the codes fixed at each step (`MaskGITPrior.log_prob`).
+    Steps and choice temperature are the prior's own; like `ar`, RL draws at
+    `finetune.temperature` without top-k/top-p truncation, so its log-probabilities are exact."""
+
+    def __init__(
+        self, gen: Generator, reference: nn.Module, cfg: Finetune, cfg_scale: float
+    ) -> None:
+        assert isinstance(gen.prior, MaskGITPrior) and isinstance(reference, MaskGITPrior)
+        self.tokenizer, self.net, self.reference = gen.tokenizer, gen.prior, reference
+        self.cfg_scale, self.temperature = cfg_scale, cfg.temperature
+        self.steps = min(int(gen.sampling.get("steps", 8)), gen.prior.seq_len)
+        self.choice_temperature = float(gen.sampling.get("choice_temperature", 4.5))
+
+    def _log_prob(self, net: MaskGITPrior, traj: Trajectory, labels: Tensor) -> Tensor:
+        return net.log_prob(traj, labels, self.cfg_scale, self.temperature)[:, None]
+
+    def rollout(self, labels: Tensor, generator: RNG) -> Rollout:
+        with torch.no_grad():
+            traj = self.net.sample_trajectory(
+                labels,
+                generator,
+                self.steps,
+                self.temperature,
+                cfg_scale=self.cfg_scale,
+                choice_temperature=self.choice_temperature,
+            )
+            old = self._log_prob(self.net, traj, labels)
+            ref = self._log_prob(self.reference, traj, labels)
+            images = self.tokenizer.decode_codes(traj.codes.view(-1, *self.net.grid))
+        return Rollout(labels, images, old, ref, traj, 1)
+
+    def log_prob(self, rollout: Rollout) -> Tensor:
+        return self._log_prob(self.net, rollout.replay, rollout.labels)
+
+
+KIND = MaskGITKind()
