@@ -409,7 +409,7 @@ def _check_sampling(cfg_scale: float, temperature: float, choice_temperature: fl
 class MaskGITKind(PriorKind):
     name = "maskgit"
     module = MaskGITPrior
-    cfg_scale = 2.0
+    cfg_scale = 1.0  # digits: 2.0 (AR's) cost 0.25 of recall and 2.8x the FID ratio, measured
 
     def from_params(self, cfg: Prior, space: CodeSpace) -> dict[str, Any]:
         return {
