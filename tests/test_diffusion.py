@@ -415,3 +415,23 @@ def test_trajectory_guides_only_inside_the_interval():
 
     assert torch.equal(traj(cfg_scale=3.0, interval=(0.0, 0.1)).xs, traj(cfg_scale=1.0).xs)
     assert not torch.equal(traj(cfg_scale=3.0, interval=(0.0, 0.6)).xs, traj(cfg_scale=1.0).xs)
+
+
+def test_rl_rescoring_guides_the_steps_that_sampling_guided():
+    """The policy rescores each stored step with the guidance that step was sampled with, so
+    the ratio starts at 1 when only part of the path is guided."""
+    from genpipe.config import Finetune
+    from genpipe.generator import Generator
+    from genpipe.models.priors.diffusion import DiffusionPolicy
+    from genpipe.models.tokenizer import VQAutoencoder
+
+    torch.manual_seed(0)
+    tokenizer = VQAutoencoder(1, (4, 8), 0, 4, "vq", codebook_size=8, kmeans_init=False).eval()
+    net = make_net()
+    sampling = {"cfg_scale": 3.0, "guidance_interval": [0.0, 0.5], "steps": 4}
+    gen = Generator(tokenizer, net, "diffusion", sampling, {"name": "flow_matching"})
+    cfg = Finetune(diffusion_steps=6, train_step_fraction=1.0)
+    policy = DiffusionPolicy(gen, net, cfg, 3.0)
+    roll = policy.rollout(torch.arange(CLASSES), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(policy.log_prob(roll), roll.old_logp, atol=1e-3, rtol=1e-4)
