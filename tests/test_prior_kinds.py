@@ -175,9 +175,9 @@ def test_each_kind_has_its_own_guidance_unless_params_set_one():
     chosen = parse_params({"prior": {"cfg_scale": 1.5}}).prior
     assert all(PRIOR_KINDS[n].sampling(chosen)["cfg_scale"] == 1.5 for n in ("ar", "maskgit"))
     sampling = PRIOR_KINDS["diffusion"].sampling(
-        parse_params({"prior": {"guidance_interval": [0.0, 0.6]}}).prior
+        parse_params({"prior": {"guidance_interval": [0.2, 0.9]}}).prior
     )
-    assert sampling["guidance_interval"] == [0.0, 0.6]
+    assert sampling["guidance_interval"] == [0.2, 0.9]
     with pytest.raises(ParamsError, match="prior.guidance_interval"):
         parse_params({"prior": {"guidance_interval": [0.6, 0.2]}})
 

@@ -168,7 +168,7 @@ class Prior(Section):
         None, ge=0, description="classifier-free guidance at sampling; null = the kind's own"
     )
     guidance_interval: list[float] = Field(
-        [0.0, 1.0],
+        [0.0, 0.6],
         min_length=2,
         max_length=2,
         description="noise levels guided, as sigma/(alpha+sigma) (diffusion)",
