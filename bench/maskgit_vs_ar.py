@@ -28,6 +28,7 @@ from genpipe.artifacts.tokenizer import load_tokenizer
 from genpipe.config import load_params
 from genpipe.data.prepared import PREPARED, load_split
 from genpipe.evaluation import floor_sample
+from genpipe.models.priors import prior_kind
 from genpipe.models.priors.ar import ARPrior
 from genpipe.models.priors.maskgit import MaskGITPrior
 from genpipe.training import EMA, batch_indices, make_optimizer
@@ -82,7 +83,8 @@ def main() -> None:
         class_dropout=cfg.class_dropout,
         pos=cfg.pos,
     )
-    sampling = dict(cfg_scale=cfg.cfg_scale, temperature=cfg.temperature, top_p=cfg.top_p)
+    ar_scale, maskgit_scale = prior_kind("ar").guidance(cfg), prior_kind("maskgit").guidance(cfg)
+    sampling = dict(cfg_scale=ar_scale, temperature=cfg.temperature, top_p=cfg.top_p)
     per_class = params.evaluate.samples_per_class
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     test_x, _ = load_split("test", args.root / PREPARED)
@@ -108,7 +110,7 @@ def main() -> None:
                 {"steps": t, "choice_temperature": c, "cfg_scale": s}
                 for t in args.maskgit_steps
                 for c in args.choice_temperatures
-                for s in args.cfg_scales or [cfg.cfg_scale]
+                for s in args.cfg_scales or [maskgit_scale]
             ]
         for extra in runs:
             g = torch.Generator().manual_seed(seed)
