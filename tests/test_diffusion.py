@@ -375,3 +375,63 @@ def test_bad_arguments_raise_naming_allowed_values():
         make_formulation("ddpm", schedule="sigmoid")
     with pytest.raises(ValueError, match="eps, v"):
         DDPM(prediction="x0")
+
+
+# ---------------------------------------------------------------- guidance interval
+
+
+@pytest.mark.parametrize("form", ALL_FORMS[:3], ids=lambda f: type(f).__name__)
+def test_noise_fraction_runs_from_data_to_noise(form):
+    times = form.timesteps(10)
+    fractions = [diffusion.noise_fraction(form, float(t)) for t in times]
+    assert fractions[0] > 0.95 and fractions[-1] < 0.05
+    assert all(a > b for a, b in zip(fractions, fractions[1:], strict=False))
+    assert diffusion.noise_fraction(FlowMatching(), 0.3) == pytest.approx(0.3)
+
+
+def test_guidance_interval_guides_only_inside_it():
+    form = FlowMatching()
+    assert diffusion.guidance_at(form, 0.5, 3.0, (0.0, 0.6)) == 3.0
+    assert diffusion.guidance_at(form, 0.7, 3.0, (0.0, 0.6)) == 1.0
+    net, labels = make_net(), torch.arange(CLASSES)
+
+    def draw(**kw) -> torch.Tensor:
+        return sample(net, form, labels, torch.Generator().manual_seed(0), steps=4, **kw)
+
+    assert torch.equal(draw(cfg_scale=3.0, interval=(0.0, 1.0)), draw(cfg_scale=3.0))
+    # an interval no step falls in is unguided sampling; one in between differs from both
+    assert torch.equal(draw(cfg_scale=3.0, interval=(0.0, 0.1)), draw(cfg_scale=1.0))
+    part = draw(cfg_scale=3.0, interval=(0.0, 0.6))
+    assert not torch.equal(part, draw(cfg_scale=1.0))
+    assert not torch.equal(part, draw(cfg_scale=3.0))
+
+
+def test_trajectory_guides_only_inside_the_interval():
+    form, net, labels = FlowMatching(), make_net(), torch.arange(CLASSES)
+
+    def traj(**kw):
+        g = torch.Generator().manual_seed(0)
+        return diffusion.sample_trajectory(net, form, labels, g, 4, eta=1.0, **kw)
+
+    assert torch.equal(traj(cfg_scale=3.0, interval=(0.0, 0.1)).xs, traj(cfg_scale=1.0).xs)
+    assert not torch.equal(traj(cfg_scale=3.0, interval=(0.0, 0.6)).xs, traj(cfg_scale=1.0).xs)
+
+
+def test_rl_rescoring_guides_the_steps_that_sampling_guided():
+    """The policy rescores each stored step with the guidance that step was sampled with, so
+    the ratio starts at 1 when only part of the path is guided."""
+    from genpipe.config import Finetune
+    from genpipe.generator import Generator
+    from genpipe.models.priors.diffusion import DiffusionPolicy
+    from genpipe.models.tokenizer import VQAutoencoder
+
+    torch.manual_seed(0)
+    tokenizer = VQAutoencoder(1, (4, 8), 0, 4, "vq", codebook_size=8, kmeans_init=False).eval()
+    net = make_net()
+    sampling = {"cfg_scale": 3.0, "guidance_interval": [0.0, 0.5], "steps": 4}
+    gen = Generator(tokenizer, net, "diffusion", sampling, {"name": "flow_matching"})
+    cfg = Finetune(diffusion_steps=6, train_step_fraction=1.0)
+    policy = DiffusionPolicy(gen, net, cfg, 3.0)
+    roll = policy.rollout(torch.arange(CLASSES), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(policy.log_prob(roll), roll.old_logp, atol=1e-3, rtol=1e-4)

@@ -21,6 +21,7 @@ from genpipe.modelio import save_model
 from genpipe.models.classifier import Classifier
 from genpipe.models.priors import PRIOR_KINDS, prior_kind, register
 from genpipe.models.priors.base import PriorKind
+from genpipe.models.priors.maskgit import MaskGITPolicy, MaskGITPrior
 from genpipe.registry import GeneratorModel
 from genpipe.rewards import WeightedReward
 from genpipe.stages import finetune, prior
@@ -90,8 +91,8 @@ def kind():
 
 def test_params_accept_only_registered_kinds(kind):
     assert parse_params(PARAMS).prior.kind == "cell_table"
-    with pytest.raises(ParamsError, match="prior.kind: unknown prior kind 'maskgit'"):
-        parse_params({"prior": {"kind": "maskgit"}})
+    with pytest.raises(ParamsError, match="prior.kind: unknown prior kind 'gan'"):
+        parse_params({"prior": {"kind": "gan"}})
 
 
 def _inputs(root: Path, params) -> None:
@@ -162,3 +163,84 @@ def test_a_prior_file_of_an_unregistered_kind_is_refused(kind, tmp_path, mlflow_
     with pytest.raises(ValueError, match="prior file without a valid prior_kind"):
         load_generator(tmp_path / "models/tokenizer/model.pt", tmp_path / "models/prior/prior.pt")
     assert prior_kind("ar").name == "ar"
+
+
+def test_each_kind_has_its_own_guidance_unless_params_set_one():
+    default = parse_params({}).prior
+    assert default.cfg_scale is None
+    assert {name: PRIOR_KINDS[name].sampling(default)["cfg_scale"] for name in PRIOR_KINDS} == {
+        name: PRIOR_KINDS[name].cfg_scale for name in PRIOR_KINDS
+    }
+    assert PRIOR_KINDS["diffusion"].cfg_scale != PRIOR_KINDS["ar"].cfg_scale
+    chosen = parse_params({"prior": {"cfg_scale": 1.5}}).prior
+    assert all(PRIOR_KINDS[n].sampling(chosen)["cfg_scale"] == 1.5 for n in ("ar", "maskgit"))
+    sampling = PRIOR_KINDS["diffusion"].sampling(
+        parse_params({"prior": {"guidance_interval": [0.2, 0.9]}}).prior
+    )
+    assert sampling["guidance_interval"] == [0.2, 0.9]
+    with pytest.raises(ParamsError, match="prior.guidance_interval"):
+        parse_params({"prior": {"guidance_interval": [0.6, 0.2]}})
+
+
+MASKGIT = {
+    **PARAMS,
+    "prior": {
+        "kind": "maskgit",
+        "dim": 16,
+        "depth": 1,
+        "heads": 2,
+        "pos": "learned",
+        "decoding_steps": 3,
+        "samples_per_class": 2,
+        "optim": {"steps": 40, "batch_size": 16, "lr": 0.02, "warmup_steps": 1},
+    },
+    "finetune": {**PARAMS["finetune"], "lr": 0.002},
+}
+
+
+def test_maskgit_trains_finetunes_and_serves(tmp_path, mlflow_uri, one_thread):
+    params = parse_params(MASKGIT)
+    _inputs(tmp_path, params)
+
+    metrics = prior.run(prior.SPEC.view(params), tmp_path)
+    assert metrics["val_nll_bits_per_code_bound"] < 3.0 - 0.3  # log2(8) = 3 bits is chance
+    tokenizer_file = tmp_path / "models/tokenizer/model.pt"
+    prior_file = tmp_path / "models/prior/prior.pt"
+    gen = load_generator(tokenizer_file, prior_file)
+    assert isinstance(gen.prior, MaskGITPrior)
+    assert (
+        gen.sampling["steps"] == 3 and gen.sampling["cfg_scale"] == PRIOR_KINDS["maskgit"].cfg_scale
+    )
+
+    # the policy: one action per sample, scored by the sum of the per-step log-probabilities
+    policy, reference = finetune.make_policy(gen, params.finetune)
+    assert isinstance(policy, MaskGITPolicy)
+    labels = torch.tensor([0, 1, 2, 0])
+    roll = policy.rollout(labels, torch.Generator().manual_seed(0))
+    traj = roll.replay
+    assert roll.old_logp.shape == (4, 1) and roll.total_steps == 1 and traj.fixed.shape[0] == 3
+    per_step = gen.prior.step_log_probs(traj, labels, policy.cfg_scale, policy.temperature)
+    torch.testing.assert_close(roll.old_logp[:, 0], per_step.sum(1))
+    torch.testing.assert_close(roll.old_logp[:, 0], traj.logp.sum(1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(roll.ref_logp, roll.old_logp)  # nothing trained yet
+    decoded = gen.tokenizer.decode_codes(traj.codes.view(4, *gen.prior.grid))
+    assert torch.equal(roll.images, decoded)
+
+    gen.prior.requires_grad_(True)
+    before = {k: v.clone() for k, v in policy.net.state_dict().items()}
+    reward = WeightedReward({"dark": 1.0}, {"dark": lambda images, labels: -images.mean((1, 2, 3))})
+    result = finetune.train(
+        policy, reward, params.finetune, CLASSES, torch.Generator().manual_seed(0)
+    )
+    assert result.steps_run == 3
+    assert not torch.equal(policy.net.head.weight, before["head.weight"])
+    assert torch.equal(reference.head.weight, before["head.weight"])
+
+    model = GeneratorModel()
+    model.load_context(
+        SimpleNamespace(artifacts={"tokenizer": tokenizer_file, "prior": prior_file})
+    )
+    frame = pd.DataFrame({"label": [0, 2, 0], "seed": [5, 5, 5]})
+    images = model.predict(None, frame)
+    assert images.shape == (3, 1, 8, 8) and images.dtype == np.float32
+    assert np.array_equal(images[0], images[2]) and 0 <= images.min() <= images.max() <= 1

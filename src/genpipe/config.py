@@ -169,7 +169,15 @@ class Prior(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     class_dropout: float = Field(0.1, ge=0, lt=1)
     pos: Literal["rope2d", "learned"] = "rope2d"
-    cfg_scale: float = Field(2.0, ge=0, description="classifier-free guidance at sampling")
+    cfg_scale: float | None = Field(
+        None, ge=0, description="classifier-free guidance at sampling; null = the kind's own"
+    )
+    guidance_interval: list[float] = Field(
+        [0.0, 0.6],
+        min_length=2,
+        max_length=2,
+        description="noise levels guided, as sigma/(alpha+sigma) (diffusion)",
+    )
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -178,6 +186,10 @@ class Prior(Section):
     sampler: Literal["euler", "heun", "ddim"] = "euler"
     sampling_steps: int = Field(20, ge=1)
     eta: float = Field(0.0, ge=0, description="ddim stochasticity")
+    decoding_steps: int = Field(8, ge=1, description="parallel decoding steps (maskgit)")
+    choice_temperature: float = Field(
+        4.5, ge=0, description="Gumbel noise on which cells to fix first, annealed (maskgit)"
+    )
     samples_per_class: int = Field(50, ge=1, description="for the consistency metric")
     compile: bool = Field(False, description="torch.compile on CUDA")
     optim: Optim = Optim()
@@ -194,6 +206,11 @@ class Prior(Section):
     def _heads(self) -> Prior:
         if self.dim % self.heads:
             raise ValueError(f"heads: dim ({self.dim}) must be divisible by heads ({self.heads})")
+        lo, hi = self.guidance_interval
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(
+                f"guidance_interval: expected [lo, hi] with 0 <= lo < hi <= 1, got [{lo}, {hi}]"
+            )
         if self.eta > 0 and self.sampler != "ddim":
             raise ValueError(
                 f"eta: only the ddim sampler takes eta > 0 (sampler is {self.sampler})"

@@ -312,6 +312,23 @@ def denoise(
     return form.estimates(out, x.float(), t)
 
 
+def noise_fraction(form: Formulation, t: float) -> float:
+    """sigma / (alpha + sigma) at time t: 0 at data, 1 at pure noise, and equal to t for flow
+    matching; a noise level that reads the same in every formulation."""
+    alpha, sigma, _, _ = _coeffs(form, t)
+    return sigma / (alpha + sigma)
+
+
+def guidance_at(
+    form: Formulation, t: float, cfg_scale: float, interval: tuple[float, float] = (0.0, 1.0)
+) -> float:
+    """The guidance scale at time t: `cfg_scale` where the noise fraction lies in `interval`,
+    1 (no guidance) elsewhere. Guiding only part of the path (Kynkaanniemi et al. 2024)
+    keeps the class pull without collapsing the samples' diversity."""
+    lo, hi = interval
+    return cfg_scale if lo <= noise_fraction(form, t) <= hi else 1.0
+
+
 def _coeffs(form: Formulation, t: float) -> tuple[float, float, float, float]:
     """(alpha, sigma, dalpha/dt, dsigma/dt) at one time, as Python floats (float64 math)."""
     alpha, sigma, dalpha, dsigma = form.schedule(torch.tensor(t, dtype=torch.float64))
@@ -396,8 +413,10 @@ def sample(
     sampler: str = "euler",
     cfg_scale: float = 1.0,
     eta: float = 0.0,
+    interval: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
-    """Latents (B, D, h, w) for `labels` (B,) with `steps` steps of `sampler`.
+    """Latents (B, D, h, w) for `labels` (B,) with `steps` steps of `sampler`, guided by
+    `cfg_scale` only inside `interval` (see `guidance_at`).
 
     euler / heun integrate the probability-flow ODE in each formulation's `ode_coords`
     (flow: x against t; EDM: x against sigma; DDPM: x / alpha against sigma / alpha). In those
@@ -408,17 +427,19 @@ def sample(
     """
     _check_sample_args(sampler, steps, cfg_scale, eta)
     if sampler == "ddim":
-        return sample_trajectory(net, form, labels, generator, steps, cfg_scale, eta).xs[-1]
+        traj = sample_trajectory(net, form, labels, generator, steps, cfg_scale, eta, interval)
+        return traj.xs[-1]
     times = form.timesteps(steps)
     x = _start(net, form, labels, generator, times)
     for i in range(steps):
         t, s = float(times[i]), float(times[i + 1])
         (scale_t, tau_t), (scale_s, tau_s) = form.ode_coords(t), form.ode_coords(s)
         y = x / scale_t
-        d = _ode_derivative(net, form, x, t, labels, cfg_scale)
+        d = _ode_derivative(net, form, x, t, labels, guidance_at(form, t, cfg_scale, interval))
         y_next = y + (tau_s - tau_t) * d
         if sampler == "heun" and i < steps - 1:
-            d_next = _ode_derivative(net, form, scale_s * y_next, s, labels, cfg_scale)
+            guided = guidance_at(form, s, cfg_scale, interval)
+            d_next = _ode_derivative(net, form, scale_s * y_next, s, labels, guided)
             y_next = y + (tau_s - tau_t) * 0.5 * (d + d_next)
         x = scale_s * y_next
     return x
@@ -433,16 +454,18 @@ def sample_trajectory(
     steps: int = 20,
     cfg_scale: float = 1.0,
     eta: float = 1.0,
+    interval: tuple[float, float] = (0.0, 1.0),
 ) -> Trajectory:
-    """DDIM sampling that keeps every state and each step's Gaussian mean and std, for RL."""
+    """DDIM sampling that keeps every state and each step's Gaussian mean and std, for RL;
+    guided by `cfg_scale` inside `interval` (see `guidance_at`)."""
     _check_sample_args("ddim", steps, cfg_scale, eta)
     times = form.timesteps(steps)
     x = _start(net, form, labels, generator, times)
     xs, means, stds = [x], [], []
     for i in range(steps):
-        mean, std = ddim_step(
-            net, form, x, float(times[i]), float(times[i + 1]), labels, cfg_scale, eta
-        )
+        t, s = float(times[i]), float(times[i + 1])
+        guided = guidance_at(form, t, cfg_scale, interval)
+        mean, std = ddim_step(net, form, x, t, s, labels, guided, eta)
         x = mean + std * _randn(mean.shape, generator, mean.device) if std > 0 else mean
         xs.append(x)
         means.append(mean)

@@ -1,5 +1,5 @@
 """Stage `prior`: learn p(codes | class) over the tokenizer's codes, with the kind that
-`prior.kind` names (models/priors: `ar`, `diffusion`, or one you add).
+`prior.kind` names (models/priors: `ar`, `diffusion`, `maskgit`, or one you add).
 
 The kind says what the net trains on, its loss, its held-out metrics and how to sample it;
 this stage trains any kind the same way. Metrics: the kind's validation metrics, sampling

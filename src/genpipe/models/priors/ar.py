@@ -424,6 +424,7 @@ class ARPolicy(WholeSamplePolicy):
 class ARKind(PriorKind):
     name = "ar"
     module = ARPrior
+    cfg_scale = 2.0
 
     def from_params(self, cfg: Prior, space: CodeSpace) -> dict[str, Any]:
         return {
@@ -436,7 +437,7 @@ class ARKind(PriorKind):
 
     def sampling(self, cfg: Prior) -> dict[str, Any]:
         return {
-            "cfg_scale": cfg.cfg_scale,
+            "cfg_scale": self.guidance(cfg),
             "temperature": cfg.temperature,
             "top_k": cfg.top_k,
             "top_p": cfg.top_p,

@@ -61,6 +61,12 @@ class PriorKind:
 
     name: ClassVar[str]
     module: ClassVar[type[nn.Module]]
+    cfg_scale: ClassVar[float] = 1.0  # the guidance `prior.cfg_scale: null` stands for
+
+    def guidance(self, cfg: Prior) -> float:
+        """The classifier-free guidance scale to sample with: `prior.cfg_scale`, or this kind's
+        own when null (guidance that suits one kind can ruin another's diversity)."""
+        return self.cfg_scale if cfg.cfg_scale is None else cfg.cfg_scale
 
     def build(self, arch: dict[str, Any]) -> nn.Module:
         return self.module(**arch)

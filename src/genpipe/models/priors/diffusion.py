@@ -17,6 +17,7 @@ from torch import nn
 from genpipe.models.diffusion import (
     Trajectory,
     ddim_step,
+    guidance_at,
     make_formulation,
     sample,
     sample_trajectory,
@@ -160,6 +161,7 @@ def from_prior_space(sampling: dict[str, Any], latents: torch.Tensor) -> torch.T
 class DiffusionKind(PriorKind):
     name = "diffusion"
     module = Denoiser
+    cfg_scale = 1.25
 
     def from_params(self, cfg: Prior, space: CodeSpace) -> dict[str, Any]:
         return {
@@ -170,7 +172,8 @@ class DiffusionKind(PriorKind):
 
     def sampling(self, cfg: Prior) -> dict[str, Any]:
         return {
-            "cfg_scale": cfg.cfg_scale,
+            "cfg_scale": self.guidance(cfg),
+            "guidance_interval": list(cfg.guidance_interval),
             "sampler": cfg.sampler,
             "steps": cfg.sampling_steps,
             "eta": cfg.eta,
@@ -216,6 +219,7 @@ class DiffusionKind(PriorKind):
             sampler=s.get("sampler", "euler"),
             cfg_scale=s.get("cfg_scale", 1.0),
             eta=s.get("eta", 0.0),
+            interval=tuple(s.get("guidance_interval", (0.0, 1.0))),
         )
         return gen.tokenizer.latent_to_codes(from_prior_space(gen.sampling, latents))
 
@@ -244,6 +248,7 @@ class DiffusionPolicy:
         self.gen, self.net, self.reference = gen, gen.prior, reference
         self.form = make_formulation(**gen.formulation)
         self.cfg, self.cfg_scale = cfg, cfg_scale
+        self.interval = tuple(gen.sampling.get("guidance_interval", (0.0, 1.0)))
 
     def _log_prob(
         self, net: nn.Module, traj: Trajectory, picks: torch.Tensor, labels
@@ -258,7 +263,7 @@ class DiffusionPolicy:
                 t,
                 s,
                 labels,
-                self.cfg_scale,
+                guidance_at(self.form, t, self.cfg_scale, self.interval),
                 self.cfg.diffusion_eta,
             )
             cols.append(step_log_prob(traj.xs[i + 1], mean, std))
@@ -274,6 +279,7 @@ class DiffusionPolicy:
             cfg.diffusion_steps,
             self.cfg_scale,
             cfg.diffusion_eta,
+            self.interval,
         )
         stochastic = torch.nonzero(traj.stds > 0).flatten()
         k = max(1, round(cfg.train_step_fraction * len(stochastic)))
