@@ -139,12 +139,20 @@ def test_served_champion_answers_http(repo):
     assert all(0.0 <= v <= 1.0 for v in flat)
 
 
+def _scores(fid_ratio: float, consistency: float, half: float = 0.1) -> dict[str, float]:
+    scores = {"fid_ratio": fid_ratio, "class_consistency": consistency}
+    for key, value in list(scores.items()):
+        width = half if key == "fid_ratio" else half / 10
+        scores[f"{key}_ci_low"], scores[f"{key}_ci_high"] = value - width, value + width
+    return scores
+
+
 def test_promotion_gate_rules():
-    champ = {"fid_ratio": 2.0, "class_consistency": 0.9}
-    assert decide({"fid_ratio": 1.5, "class_consistency": 0.9}, champ, "fid_ratio", True).promote
-    worse = decide({"fid_ratio": 2.5, "class_consistency": 0.95}, champ, "fid_ratio", True)
-    assert not worse.promote and "does not beat" in worse.reason
-    guard = decide({"fid_ratio": 1.0, "class_consistency": 0.8}, champ, "fid_ratio", True)
+    champ = _scores(2.0, 0.9)
+    assert decide(_scores(1.5, 0.9), champ, "fid_ratio", True, margin=1.0).promote
+    worse = decide(_scores(2.5, 0.95), champ, "fid_ratio", True, margin=1.0)
+    assert not worse.promote and "not above the noise margin" in worse.reason
+    guard = decide(_scores(1.0, 0.8), champ, "fid_ratio", True, margin=1.0)
     assert not guard.promote and "class_consistency" in guard.reason
 
 
