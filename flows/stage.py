@@ -8,13 +8,15 @@ with backoff; bad input is not. `retry_transient` is the one retry rule of every
 
 from __future__ import annotations
 
-import signal
 import sys
 from typing import Any
 
 from genpipe.config import ParamsError, load_params
 from genpipe.data.raw import DataError
+from genpipe.locks import Busy
+from genpipe.runtime import stop_on_sigterm
 from genpipe.stages import STAGES, load, run_stage
+from genpipe.tracking.store import TrackingUnreachable, redact
 
 TRANSIENT = (ConnectionError, TimeoutError)
 
@@ -58,15 +60,9 @@ def stage_flow(name: str) -> Any:
     return stage
 
 
-def _terminate(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"stopped by signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> None:
     """Validate, then run the stage's flow."""
-    # DVC and Prefect stop a stage with SIGTERM; make it unwind like Ctrl-C so staged
-    # outputs are cleaned up and the MLflow run is marked failed.
-    signal.signal(signal.SIGTERM, _terminate)
+    stop_on_sigterm()
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] not in STAGES:
         raise SystemExit(f"usage: python -m flows.stage {{{','.join(STAGES)}}} [params.yaml]")
@@ -74,8 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         load_params(params_path)
         stage_flow(name)(params_path)
-    except (ParamsError, DataError, ValueError) as exc:
-        print(f"genpipe {name}: error: {exc}", file=sys.stderr)
+    except (ParamsError, DataError, ValueError, Busy, TrackingUnreachable) as exc:
+        print(f"genpipe {name}: error: {redact(str(exc))}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

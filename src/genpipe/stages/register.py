@@ -89,7 +89,6 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         if champion:
             run.log_metrics({f"champion.{k}": v for k, v in champion.items()})
         run.log_artifact(out / "decision.json")
-        run.write_meta(out)
         registry.set_aliases(
             version,
             decision.promote,
