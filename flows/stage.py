@@ -1,7 +1,8 @@
 """`python -m flows.stage <name> [params.yaml]`: one pipeline stage as a thin Prefect flow.
 
-dvc.yaml runs every stage this way. Params are validated before Prefect starts, so a bad
-params.yaml fails in a second with the key named, not after the orchestrator spins up.
+dvc.yaml runs every stage this way. Params are validated, and the tracking server checked,
+before Prefect starts, so a bad params.yaml or an unreachable server fails in seconds with
+the key (or redacted URI) named, not after the orchestrator spins up.
 Transient failures (a tracking server or remote that is briefly unreachable) are retried
 with backoff; bad input is not. `retry_transient` is the one retry rule of every flow.
 """
@@ -16,7 +17,7 @@ from genpipe.data.raw import DataError
 from genpipe.locks import Busy
 from genpipe.runtime import stop_on_sigterm
 from genpipe.stages import STAGES, load, run_stage
-from genpipe.tracking.store import TrackingUnreachable, redact
+from genpipe.tracking.store import TrackingUnreachable, check_reachable, redact
 
 TRANSIENT = (ConnectionError, TimeoutError)
 
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     name, params_path = args[0], (args[1] if len(args) > 1 else "params.yaml")
     try:
         load_params(params_path)
+        check_reachable()  # before Prefect starts, as the params
         stage_flow(name)(params_path)
     except (ParamsError, DataError, ValueError, Busy, TrackingUnreachable) as exc:
         print(f"genpipe {name}: error: {redact(str(exc))}", file=sys.stderr)

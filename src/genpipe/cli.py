@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     except REFUSALS as exc:
         print(f"genpipe: error: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM, after the stage has unwound
+        print(f"genpipe: stopped ({exc or 'interrupted'})", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
