@@ -70,11 +70,16 @@ def cmd_data_ensure(args: argparse.Namespace) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     """Run one stage in-process, without Prefect (debugging, profiling); SIGTERM unwinds
     it as in flows/stage.py."""
+    from genpipe.tracking.store import check_reachable
+
+    params = load_params(args.params)
+    check_reachable()  # before torch and the stage load: seconds on a busy machine
+
     from genpipe.runtime import stop_on_sigterm
     from genpipe.stages import run_stage
 
     stop_on_sigterm()
-    run_stage(args.name, load_params(args.params))
+    run_stage(args.name, params)
     return 0
 
 
