@@ -3,8 +3,9 @@ resumed run gives the same bytes as one never stopped."""
 
 from __future__ import annotations
 
-import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,17 @@ import torch
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary sibling of this process's own and rename, so an interrupt never
-    leaves a torn file and two writers never share a temporary."""
+    """Write in a temporary folder of this call's own and rename, so an interrupt never
+    leaves a torn file and two writers never share a temporary. The file keeps its name
+    there: torch.save names the archive's root after it, so a temporary name would change
+    the bytes (and every hash downstream) on each run."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        torch.save(obj, tmp_dir / path.name)
+        (tmp_dir / path.name).replace(path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def rng_state(generators: Sequence[torch.Generator]) -> dict[str, Any]:
