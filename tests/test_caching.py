@@ -95,3 +95,24 @@ def test_forced_repro_keeps_every_out_md5_and_tokenizer_rerun_stops_there(
     again = run(["dvc", "repro"], repo, ENV)
     assert "Running stage" not in again, again
     assert lock_md5s(repo) == first
+
+
+def test_model_file_bytes_do_not_depend_on_the_writing_process(tmp_path):
+    """torch.save names the archive's root after the file it writes: a temporary name with a
+    pid in it made every run's model bytes (and every hash downstream) differ."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = (
+        "import sys, torch; from pathlib import Path; "
+        "from genpipe.checkpoint import atomic_torch_save; "
+        "atomic_torch_save({'w': torch.arange(4.0)}, Path(sys.argv[1]) / 'model.pt')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], env=env, check=True)
+    assert (tmp_path / "a/model.pt").read_bytes() == (tmp_path / "b/model.pt").read_bytes()
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["model.pt"]
