@@ -17,7 +17,12 @@ from genpipe.data.raw import DataError
 from genpipe.locks import Busy
 from genpipe.runtime import stop_on_sigterm
 from genpipe.stages import STAGES, load, run_stage
-from genpipe.tracking.store import TrackingUnreachable, check_reachable, redact
+from genpipe.tracking.store import (
+    TrackingUnreachable,
+    check_reachable,
+    redact,
+    redact_tracebacks,
+)
 
 TRANSIENT = (ConnectionError, TimeoutError)
 
@@ -64,6 +69,7 @@ def stage_flow(name: str) -> Any:
 def main(argv: list[str] | None = None) -> None:
     """Validate, then run the stage's flow."""
     stop_on_sigterm()
+    redact_tracebacks()
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] not in STAGES:
         raise SystemExit(f"usage: python -m flows.stage {{{','.join(STAGES)}}} [params.yaml]")

@@ -414,3 +414,13 @@ def test_deployment_runs_one_at_a_time_with_a_timeout(monkeypatch):
     assert pipeline.retrain_and_promote_flow.timeout_seconds == pipeline.TIMEOUT_S
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"][0]
     assert spec["concurrency_limit"]["limit"] == 1
+
+
+def test_uncaught_error_traceback_is_redacted():
+    script = (
+        "from genpipe.tracking.store import redact_tracebacks; redact_tracebacks(); "
+        "raise RuntimeError('request to http://alice:s3cret@mlflow:5000/api failed')"
+    )
+    proc = subprocess.run([*PYTHON, script], env=child_env(), capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "http://***@mlflow:5000/api" in proc.stderr and "s3cret" not in proc.stderr

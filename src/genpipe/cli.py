@@ -13,7 +13,7 @@ from genpipe.data.catalog import SOURCES
 from genpipe.data.raw import DataError
 from genpipe.locks import Busy
 from genpipe.stages import STAGES
-from genpipe.tracking.store import TrackingUnreachable, redact
+from genpipe.tracking.store import TrackingUnreachable, redact, redact_tracebacks
 
 # Bad input and refusals: a message naming the key, file or holder, exit 2, no traceback.
 # (RewardError and ModelFileError are ValueErrors, as pydantic's own.)
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    redact_tracebacks()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -11,6 +11,8 @@ import logging
 import os
 import re
 import socket
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,6 +50,15 @@ def redact(text: str) -> str:
     """`http://user:pass@host` -> `http://***@host`, anywhere in `text`: URIs are shown in
     logs, errors and Prefect artifacts, credentials never."""
     return _CREDENTIALS.sub(r"\1***@", text)
+
+
+def redact_tracebacks() -> None:
+    """Uncaught errors print redacted: MLflow's own messages carry the full tracking URI."""
+
+    def hook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        sys.stderr.write(redact("".join(traceback.format_exception(kind, exc, tb))))
+
+    sys.excepthook = hook
 
 
 class TrackingUnreachable(ConnectionError):
