@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
         name=args.name,
         cron=args.cron,
         parameters={"pull": args.pull},
+        global_limit=1,  # one retrain at a time: two would race on the checkout and store
+        limit=1,
         description="nightly: data update, dvc repro, promotion decision",
     )
 

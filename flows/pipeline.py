@@ -24,7 +24,9 @@ from typing import Any
 import yaml
 
 from flows.stage import is_transient, retry_transient
+from genpipe import lineage
 from genpipe.prefect_server import local_server
+from genpipe.tracking.store import redact
 
 DECISION = Path("reports/register/decision.json")
 PROMOTION_FLOW_ENV = (
@@ -33,6 +35,28 @@ PROMOTION_FLOW_ENV = (
 EVALUATION = Path("metrics/evaluate.json")
 SAMPLES = Path("plots/evaluate/samples_finetuned.png")
 RETRY_DELAYS = [5, 20, 60]  # seconds between tries of a transient failure
+RAW, DATA_DVC = Path("data/raw"), Path("data.dvc")
+# A nightly run that hangs must not hold the deployment's only slot forever.
+TIMEOUT_S = 6 * 3600
+
+
+class DataChanged(RuntimeError):
+    """data/raw differs from data.dvc: `dvc repro` would silently version the new bytes."""
+
+    transient = False
+
+
+def check_data(root: Path = Path(".")) -> str:
+    """Refuse, naming the difference, when data/raw is not what data.dvc records."""
+    expected = yaml.safe_load((root / DATA_DVC).read_text())["outs"][0]["md5"]
+    raw = root / RAW
+    if raw.is_dir() and lineage.dvc_md5(raw) == expected:
+        return expected
+    diff = lineage.dir_difference(raw, expected, root / ".dvc" / "cache")
+    raise DataChanged(
+        f"{diff}: run `dvc checkout data.dvc` to restore the versioned data, or "
+        "`dvc add data/raw` and commit data.dvc to version the new data, then run again"
+    )
 
 
 class StageFailed(RuntimeError):
@@ -118,7 +142,8 @@ def summary_markdown(
     if decision:
         verdict = "promoted to **champion**" if decision["promote"] else "kept as **candidate**"
         lines += ["", f"Version {decision['version']} {verdict}: {decision['reason']}."]
-    lines += ["", f"MLflow: `{tracking_uri}` (runs of experiment `genpipe`; `make ui` to browse)."]
+    shown = redact(tracking_uri)
+    lines += ["", f"MLflow: `{shown}` (runs of experiment `genpipe`; `make ui` to browse)."]
     return "\n".join(lines)
 
 
@@ -133,12 +158,13 @@ def build_flows() -> tuple[Any, Any]:
     }
     stage_task = task(repro_stage, name="dvc-repro-stage", **retry)
     data_task = task(lambda *args: run_dvc(*args), name="dvc-data-update", **retry)
+    check_task = task(check_data, name="check-data")
 
     @flow(name="pipeline")
     def pipeline() -> list[dict[str, Any]]:
         return [stage_task.with_options(name=name)(name) for name in stage_order()]
 
-    @flow(name="retrain_and_promote")
+    @flow(name="retrain_and_promote", timeout_seconds=TIMEOUT_S)
     def retrain_and_promote(pull: bool = False, update_imports: bool = False) -> dict[str, Any]:
         from genpipe.tracking.store import tracking_uri
 
@@ -146,6 +172,7 @@ def build_flows() -> tuple[Any, Any]:
             data_task.with_options(name="dvc-pull")("pull")
         if update_imports:
             data_task.with_options(name="dvc-update")("update", "-R", ".")
+        check_task()
         # the one place besides a clean main workspace whose register may move `champion`
         os.environ[PROMOTION_FLOW_ENV] = "1"
         try:

@@ -1,20 +1,28 @@
 """`python -m flows.stage <name> [params.yaml]`: one pipeline stage as a thin Prefect flow.
 
-dvc.yaml runs every stage this way. Params are validated before Prefect starts, so a bad
-params.yaml fails in a second with the key named, not after the orchestrator spins up.
+dvc.yaml runs every stage this way. Params are validated, and the tracking server checked,
+before Prefect starts, so a bad params.yaml or an unreachable server fails in seconds with
+the key (or redacted URI) named, not after the orchestrator spins up.
 Transient failures (a tracking server or remote that is briefly unreachable) are retried
 with backoff; bad input is not. `retry_transient` is the one retry rule of every flow.
 """
 
 from __future__ import annotations
 
-import signal
 import sys
 from typing import Any
 
 from genpipe.config import ParamsError, load_params
 from genpipe.data.raw import DataError
+from genpipe.locks import Busy
+from genpipe.runtime import stop_on_sigterm
 from genpipe.stages import STAGES, load, run_stage
+from genpipe.tracking.store import (
+    TrackingUnreachable,
+    check_reachable,
+    redact,
+    redact_tracebacks,
+)
 
 TRANSIENT = (ConnectionError, TimeoutError)
 
@@ -58,24 +66,20 @@ def stage_flow(name: str) -> Any:
     return stage
 
 
-def _terminate(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"stopped by signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> None:
     """Validate, then run the stage's flow."""
-    # DVC and Prefect stop a stage with SIGTERM; make it unwind like Ctrl-C so staged
-    # outputs are cleaned up and the MLflow run is marked failed.
-    signal.signal(signal.SIGTERM, _terminate)
+    stop_on_sigterm()
+    redact_tracebacks()
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] not in STAGES:
         raise SystemExit(f"usage: python -m flows.stage {{{','.join(STAGES)}}} [params.yaml]")
     name, params_path = args[0], (args[1] if len(args) > 1 else "params.yaml")
     try:
         load_params(params_path)
+        check_reachable()  # before Prefect starts, as the params
         stage_flow(name)(params_path)
-    except (ParamsError, DataError, ValueError) as exc:
-        print(f"genpipe {name}: error: {exc}", file=sys.stderr)
+    except (ParamsError, DataError, ValueError, Busy, TrackingUnreachable) as exc:
+        print(f"genpipe {name}: error: {redact(str(exc))}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

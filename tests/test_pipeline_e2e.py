@@ -34,11 +34,10 @@ def test_every_stage_ran_and_locked(pipeline):
     for name, stage in stages.items():
         assert f"{name} " in report
         for out in stage.get("outs", []):
-            if not isinstance(out, str):  # uncached outs (plots, the decision) carry no lineage
-                continue
-            folder = out
-            meta = json.loads((repo / folder / "meta.json").read_text())
-            assert meta["stage"] == name and not meta["git_dirty"], meta
+            folder = out if isinstance(out, str) else next(iter(out))
+            assert not (repo / folder / "meta.json").exists()
+            side = json.loads((repo / ".genpipe/lineage" / f"{folder}.json").read_text())
+            assert side["stage"] == name, side
     assert report.count(" ran ") == len(stages)
 
 
@@ -54,8 +53,8 @@ def test_mlflow_run_carries_lineage(pipeline):
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    meta = json.loads((repo / "data/prepared/meta.json").read_text())
-    run_ = client.get_run(meta["run_id"])
+    side = json.loads((repo / ".genpipe/lineage/data/prepared.json").read_text())
+    run_ = client.get_run(side["run_id"])
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["prepare"]
     raw_md5 = next(d["md5"] for d in lock["deps"] if d["path"] == "data/raw")
     assert run_.data.tags["dep.data/raw"] == raw_md5

@@ -1,4 +1,4 @@
-"""The prepare stage in-process: outputs, dataset card, meta.json lineage, MLflow tags."""
+"""The prepare stage in-process: outputs, dataset card, lineage (sidecar + MLflow), tags."""
 
 import json
 
@@ -32,8 +32,11 @@ def test_prepare_writes_splits_card_and_lineage(workdir):
     metrics = json.loads((workdir / "metrics/prepare.json").read_text())
     assert metrics["test_count"] == card["splits"]["test"]["count"]
 
-    meta = json.loads((workdir / "data/prepared/meta.json").read_text())
-    assert meta["stage"] == "prepare" and meta["seed"] == 5
+    assert not (workdir / "data/prepared/meta.json").exists()  # lineage stays out of outs
+    side = json.loads((workdir / ".genpipe/lineage/data/prepared.json").read_text())
+    assert side["stage"] == "prepare" and side["md5"] == dvc_md5(workdir / "data/prepared")
+    meta = mlflow.artifacts.load_dict(f"runs:/{side['run_id']}/lineage/meta.json")
+    assert meta["stage"] == "prepare" and meta["seed"] == 5 and meta["run_id"] == side["run_id"]
     assert meta["deps"]["data/raw"] == dvc_md5(workdir / "data/raw")
     assert meta["versions"]["torch"]
     run = mlflow.get_run(meta["run_id"])

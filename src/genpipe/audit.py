@@ -6,8 +6,9 @@
    params, data.dvc at that commit records the data md5 the pipeline read, the data is in
    the DVC cache, and the installed packages are the logged ones.
 3. Re-run the pipeline at that commit in a temporary clone on the same data (DVC cache
-   shared, run cache bypassed), then compare every recorded output file byte for byte
-   (md5) and every metric.
+   shared for reading; the run cache neither read nor written, nothing committed to the
+   cache: its entries would name runs in the audit's throwaway store), then compare
+   every recorded output file byte for byte (md5) and every metric.
 
 The verdict is `reproduces`, `differs` (items named) or `unauditable` (e.g. a dirty tree).
 """
@@ -145,6 +146,17 @@ def _check_data(report: Report, stage: str, used: str, commit: str, root: Path) 
     )
 
 
+def rerun_steps(root: Path, target: str) -> list[list[str]]:
+    """The commands run in the clone: share the project's cache for the data, re-run every
+    stage up to `target` without touching its run cache (`--no-run-cache` skips restoring;
+    `--no-commit` skips saving run-cache entries and the outputs)."""
+    return [
+        ["dvc", "cache", "dir", str(root / ".dvc/cache")],
+        ["dvc", "checkout", "-q", "data.dvc"],
+        ["dvc", "repro", "--force", "--no-run-cache", "--no-commit", target],
+    ]
+
+
 def rerun(report: Report, runs: dict[str, dict[str, Any]], root: Path, target: str) -> None:
     """Re-run the DAG up to `target` at the recorded commit; compare outputs and metrics."""
     with tempfile.TemporaryDirectory(prefix="genpipe-audit-") as tmp:
@@ -160,14 +172,9 @@ def rerun(report: Report, runs: dict[str, dict[str, Any]], root: Path, target: s
             "PYTHONPATH": str(clone / "src"),
             "MLFLOW_TRACKING_URI": f"sqlite:///{Path(tmp) / 'audit.db'}",
         }
-        steps = [
-            ["dvc", "cache", "dir", str(root / ".dvc/cache")],
-            ["dvc", "checkout", "-q", "data.dvc"],
-            ["dvc", "repro", "--force", target],
-        ]
         with local_server() as api_url:  # one Prefect server for every stage, not one each
             env["PREFECT_API_URL"] = api_url
-            for cmd in steps:
+            for cmd in rerun_steps(root, target):
                 proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True)
                 if proc.returncode != 0:
                     failed = f"`{' '.join(cmd)}` failed: {proc.stderr[-2000:]}"

@@ -3,6 +3,9 @@ resumed run gives the same bytes as one never stopped."""
 
 from __future__ import annotations
 
+import shutil
+import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,11 +14,17 @@ import torch
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary sibling and rename, so an interrupt never leaves a torn file."""
+    """Write in a temporary folder of this call's own and rename, so an interrupt never
+    leaves a torn file and two writers never share a temporary. The file keeps its name
+    there: torch.save names the archive's root after it, so a temporary name would change
+    the bytes (and every hash downstream) on each run."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        torch.save(obj, tmp_dir / path.name)
+        (tmp_dir / path.name).replace(path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def rng_state(generators: Sequence[torch.Generator]) -> dict[str, Any]:
@@ -39,9 +48,12 @@ def set_rng_state(state: dict[str, Any], generators: Sequence[torch.Generator]) 
 class Checkpoint:
     """Resumable training state under checkpoints/<stage>/last.pt.
 
-    A checkpoint is only resumed when its fingerprint (params hash + input digests) matches the
-    current run, so a changed param or dataset starts fresh instead of silently continuing.
-    It holds the RNG states too, so a resumed run gives the same bytes as one never stopped.
+    A checkpoint is only resumed when its fingerprint (params hash, input digests and the
+    digest of the stage's code) matches the current run, so a changed param, dataset or
+    code starts fresh instead of silently continuing. It holds the RNG states too, so a
+    resumed run gives the same bytes as one never stopped. It is read with
+    `weights_only=True` (tensors and plain containers only: a pickled object is refused);
+    one that cannot be read so is set aside as `<name>.rejected`, with a message.
     Removed (with its `part`s) once the stage has written its outputs.
     """
 
@@ -56,14 +68,23 @@ class Checkpoint:
         if not self.path.is_file():
             return None
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=False)
-        except Exception:  # noqa: BLE001 - a torn or foreign file is simply not resumable
-            return None
-        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
-            return None
-        if "rng" not in state:  # written before checkpoints held the RNG states
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torn, foreign or a pickle payload
+            return self._set_aside(f"unreadable ({type(exc).__name__}: {str(exc)[:200]})")
+        if not isinstance(state, dict) or "rng" not in state or "fingerprint" not in state:
+            return self._set_aside("not a genpipe checkpoint of this version")
+        if state["fingerprint"] != self.fingerprint:
+            print(
+                f"{self.path}: saved for other params, inputs or code; starting fresh",
+                file=sys.stderr,
+            )
             return None
         return state
+
+    def _set_aside(self, why: str) -> None:
+        aside = self.path.with_name(self.path.name + ".rejected")
+        self.path.replace(aside)
+        print(f"{self.path}: {why}; set aside as {aside}, starting fresh", file=sys.stderr)
 
     def resume(self, generators: Sequence[torch.Generator] = ()) -> dict[str, Any] | None:
         """The saved state, with every RNG set back to where it was; None to start fresh."""

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from genpipe.config import ParamsError, load_params, parse_params
 from genpipe.data.catalog import SOURCES
 from genpipe.data.raw import DataError
+from genpipe.locks import Busy
 from genpipe.stages import STAGES
+from genpipe.tracking.store import TrackingUnreachable, redact, redact_tracebacks
+
+# Bad input and refusals: a message naming the key, file or holder, exit 2, no traceback.
+# (RewardError and ModelFileError are ValueErrors, as pydantic's own.)
+REFUSALS = (ParamsError, DataError, ValueError, Busy, TrackingUnreachable)
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
@@ -115,10 +122,18 @@ def _hint_data(source: str) -> None:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    """Run one stage in-process, without Prefect (debugging, profiling)."""
+    """Run one stage in-process, without Prefect (debugging, profiling); SIGTERM unwinds
+    it as in flows/stage.py."""
+    from genpipe.tracking.store import check_reachable
+
+    params = load_params(args.params)
+    check_reachable()  # before torch and the stage load: seconds on a busy machine
+
+    from genpipe.runtime import stop_on_sigterm
     from genpipe.stages import run_stage
 
-    run_stage(args.name, load_params(args.params))
+    stop_on_sigterm()
+    run_stage(args.name, params)
     return 0
 
 
@@ -155,8 +170,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return {"reproduces": 0, "differs": 1}.get(report.verdict, 2)
 
 
+def version() -> str:
+    try:
+        return metadata.version("genpipe")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed: `pip install -e .`)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genpipe", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"genpipe {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="dataset commands").add_subparsers(
@@ -211,12 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    redact_tracebacks()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ParamsError, DataError) as exc:
-        print(f"genpipe: error: {exc}", file=sys.stderr)
+    except REFUSALS as exc:
+        print(f"genpipe: error: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM, after the stage has unwound
+        print(f"genpipe: stopped ({exc or 'interrupted'})", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

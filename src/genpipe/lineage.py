@@ -2,19 +2,26 @@
 
 Digests use DVC's own md5 scheme (file: md5 of bytes; folder: md5 of the sorted JSON list
 of its files' md5s, suffixed `.dir`), so they compare directly with dvc.lock.
+
+Lineage lives beside the outputs, never in them: a file naming the run inside an output
+would change its hash on every run, re-run everything downstream and let DVC's run cache
+restore outputs naming runs that may not exist. A run tags itself with its outputs' md5s
+(MLflow finds the producer of any bytes by them) and leaves a sidecar under
+.genpipe/lineage/ (untracked) as a shortcut, trusted only while its md5 still matches.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-META_FILE = "meta.json"
+SIDECARS = Path(".genpipe/lineage")
 # Files the pipeline itself rewrites; changes there are results, not code edits (DVC also
 # appends its outputs to .gitignore files).
 PIPELINE_WRITES = ("dvc.lock", "metrics/", "plots/", "reports/")
@@ -29,12 +36,12 @@ def file_md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def dir_entries(path: Path, exclude: tuple[str, ...] = ()) -> list[dict[str, str]]:
+def dir_entries(path: Path) -> list[dict[str, str]]:
     """Every file under `path` as {md5, relpath}, sorted by relpath (DVC's order)."""
     entries = [
         {"md5": file_md5(p), "relpath": p.relative_to(path).as_posix()}
         for p in path.rglob("*")
-        if p.is_file() and p.name not in exclude
+        if p.is_file()
     ]
     return sorted(entries, key=lambda e: e["relpath"])
 
@@ -45,6 +52,33 @@ def dvc_md5(path: Path) -> str:
         return file_md5(path)
     blob = json.dumps(dir_entries(path), sort_keys=True).encode()
     return hashlib.md5(blob).hexdigest() + ".dir"
+
+
+def dir_difference(path: Path, expected: str, cache: Path) -> str:
+    """What differs between folder `path` and the version DVC recorded as `expected` (an
+    md5 `.dir`): files added, removed and changed by name when the cache holds that
+    version's manifest, else the two digests."""
+    actual = dvc_md5(path) if path.is_dir() else "missing"
+    manifest = cache / "files" / "md5" / expected[:2] / expected[2:]
+    try:
+        recorded = {e["relpath"]: e["md5"] for e in json.loads(manifest.read_text())}
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{path} has md5 {actual}, recorded {expected}"
+    now = {e["relpath"]: e["md5"] for e in dir_entries(path)} if path.is_dir() else {}
+    parts = [
+        (label, names)
+        for label, names in (
+            ("added", sorted(now.keys() - recorded.keys())),
+            ("removed", sorted(recorded.keys() - now.keys())),
+            ("changed", sorted(k for k in now.keys() & recorded.keys() if now[k] != recorded[k])),
+        )
+        if names
+    ]
+    listed = "; ".join(
+        f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+        for label, names in parts
+    )
+    return f"{path} has md5 {actual}, recorded {expected} ({listed or 'same files'})"
 
 
 def git_info(root: Path) -> dict[str, Any]:
@@ -78,22 +112,38 @@ def versions() -> dict[str, str]:
     return found
 
 
-def read_meta(folder: Path) -> dict[str, Any]:
-    path = folder / META_FILE
-    if not path.is_file():
+def sidecar(root: Path, out: Path) -> Path:
+    """Where the lineage of output `out` (relative to `root`) is kept."""
+    return root / SIDECARS / f"{out.as_posix()}.json"
+
+
+def write_sidecar(root: Path, out: Path, record: dict[str, Any]) -> None:
+    path = sidecar(root, out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, sort_keys=True, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def read_sidecar(root: Path, out: Path) -> dict[str, Any]:
+    """The sidecar's record, or {} when it is missing or unreadable (e.g. after DVC restored
+    the output from its run cache, or in a fresh clone)."""
+    try:
+        record = json.loads(sidecar(root, out).read_text())
+    except (OSError, ValueError):
         return {}
-    return json.loads(path.read_text())
+    return record if isinstance(record, dict) else {}
 
 
 def output_digests(root: Path, outs: list[Path]) -> dict[str, str]:
-    """{relative file path: md5} of every output file except meta.json (it names the run):
-    what a stage run logs, and what an audit re-run must reproduce byte for byte."""
+    """{relative file path: md5} of every output file: what a stage run logs, and what an
+    audit re-run must reproduce byte for byte."""
     digests: dict[str, str] = {}
     for out in outs:
         path = root / out
         if path.is_file():
             digests[out.as_posix()] = file_md5(path)
         elif path.is_dir():
-            for e in dir_entries(path, exclude=(META_FILE,)):
+            for e in dir_entries(path):
                 digests[f"{out.as_posix()}/{e['relpath']}"] = e["md5"]
     return digests

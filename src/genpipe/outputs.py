@@ -1,28 +1,51 @@
 """All-or-nothing stage outputs: write into temporary siblings, rename into place at the end.
 
 A stage that fails, or is interrupted, leaves its previous outputs untouched and no
-half-written files behind.
+half-written files behind. Each run's temporaries carry its pid, so two runs never write
+into one another's; those of dead runs (SIGKILL) are swept by the next run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
+def _tmp(path: Path, pid: int) -> Path:
+    return path.with_name(f".{path.name}.tmp-{pid}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _sweep(path: Path) -> None:
+    """Remove temporaries of `path` left by runs whose process is gone."""
+    if not path.parent.is_dir():
+        return
+    for t in path.parent.glob(f".{path.name}.tmp*"):
+        pid = t.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and _alive(int(pid))):
+            _remove(t)
 
 
 @contextlib.contextmanager
 def staged(*paths: Path) -> Iterator[list[Path]]:
     """Yield temporary paths to write instead of `paths`; on success they replace them."""
-    tmps = [_tmp(p) for p in paths]
-    for t in tmps:
+    tmps = [_tmp(p, os.getpid()) for p in paths]
+    for p, t in zip(paths, tmps):
+        _sweep(p)
         _remove(t)
         t.parent.mkdir(parents=True, exist_ok=True)
     try:

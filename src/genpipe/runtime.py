@@ -6,11 +6,14 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
+
+from genpipe.config import ParamsError
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -52,11 +55,22 @@ def pick_device(requested: str) -> torch.device:
     """`auto` takes CUDA when present; `cuda` without a GPU is an error, not a silent fallback."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "base.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ParamsError(
+            f"base.device is {requested!r} but no CUDA device is visible: set base.device "
+            "to 'auto' or 'cpu' in params.yaml"
         )
     return torch.device(requested)
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
+def stop_on_sigterm() -> None:
+    """DVC and Prefect stop a stage with SIGTERM; make it unwind like Ctrl-C, so staged
+    outputs are cleaned up, the stage lock released and the MLflow run marked failed."""
+    signal.signal(signal.SIGTERM, _terminate)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:

@@ -9,6 +9,7 @@ declares, so reading an undeclared section fails instead of escaping DVC's notic
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +17,16 @@ from typing import Any
 
 import torch
 
-from genpipe import distributed, lineage
+from genpipe import distributed, lineage, locks
 from genpipe.checkpoint import Checkpoint
 from genpipe.config import Params, ParamsError
 from genpipe.outputs import staged
 from genpipe.runtime import pick_device, seed_everything
+from genpipe.tracking import store
 from genpipe.tracking import write as tracking
 
 CHECKPOINTS = Path("checkpoints")
+LOCKS = Path(".genpipe/locks")
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,10 @@ class StageSpec:
         checkpoint_every: int = 0,
         deps: tuple[Path, ...] | None = None,
     ) -> StageContext:
-        """Seed, pick the device, join a torchrun process group if there is one, and find the
-        resumable checkpoint for this exact params + inputs (saved by rank 0 only)."""
+        """Check the tracking server answers, seed, pick the device, join a torchrun process
+        group if there is one, and find the resumable checkpoint for this exact params,
+        inputs and code (saved by rank 0 only)."""
+        store.check_reachable()
         world = distributed.init()
         generator = seed_everything(params.base.seed)
         device = pick_device(params.base.device)
@@ -64,20 +69,35 @@ class StageSpec:
             device = torch.device("cuda", torch.cuda.current_device())
         used = self.deps if deps is None else deps
         digests = "".join(lineage.dvc_md5(root / d) for d in used if (root / d).exists())
-        fingerprint = params.digest(*self.params) + ":" + digests
+        fingerprint = f"{params.digest(*self.params)}:{digests}:{self.code_digest(params, root)}"
         every = checkpoint_every if world.is_main else 0
         ckpt = Checkpoint(root / CHECKPOINTS / self.name / "last.pt", fingerprint, every)
         return StageContext(device, generator, ckpt, world)
+
+    def code_digest(self, params: Params, root: Path) -> str:
+        """md5 of the stage's code: its module's import closure (dvc.yaml's code deps) and
+        the user modules its entry points name."""
+        from genpipe import dvcyaml  # it imports this module
+
+        src = Path(__file__).resolve().parents[1]
+        files = dvcyaml.code_deps(f"genpipe.stages.{self.name}", src)
+        files += dvcyaml.entry_point_files(self, params, root)
+        h = hashlib.md5()
+        for f in files:
+            h.update(f"{f.name}:{lineage.file_md5(f)}\n".encode())
+        return h.hexdigest()
 
     @contextlib.contextmanager
     def record(
         self, params: Params, root: Path, deps: tuple[Path, ...] | None = None
     ) -> Iterator[tuple[tracking.StageRun, list[Path]]]:
         """The stage's MLflow run and temporary paths for `written`, renamed into place only
-        if the body succeeds."""
+        if the body succeeds. Holds the stage's lock: a second run of this stage in this
+        checkout is refused (locks.Busy), naming the running one's pid."""
         used = list(self.deps if deps is None else deps)
         written = list(self.written)
         with (
+            locks.exclusive(root / LOCKS / f"{self.name}.lock", f"stage {self.name}"),
             tracking.stage_run(self.name, params, self.params, used, root, outs=written) as run,
             staged(*(root / p for p in written)) as paths,
         ):

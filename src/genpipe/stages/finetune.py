@@ -250,6 +250,5 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             run.log_image(grid, f"samples_{name}.png")
         run.log_metrics(metrics)
         run.log_history([{k: v for k, v in r.items() if math.isfinite(v)} for r in result.history])
-        run.write_meta(out)
     ctx.checkpoint.clear()
     return metrics

@@ -90,6 +90,5 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         write_json(metrics_path, metrics)
         roles = artifacts.JUDGE_ROLES
         run.log_metrics({f"{r}.test_accuracy": metrics[r]["test_accuracy"] for r in roles})
-        run.write_meta(out)
     ctx.checkpoint.clear()
     return metrics

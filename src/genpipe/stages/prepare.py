@@ -76,7 +76,6 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             )
         run.log_image(_class_grid(*splits["train"], raw.classes), "train_samples.png")
         run.log_artifact(out / "card.json")
-        run.write_meta(out)
     return card
 
 

@@ -150,6 +150,5 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         run.log_figure(fig, "features_pca.png")
         run.log_metrics(metrics)
         run.log_history(history)
-        run.write_meta(out)
     ctx.checkpoint.clear()
     return metrics

@@ -132,6 +132,5 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         run.log_image(grid_img, "samples.png")
         run.log_metrics({**metrics, **timing})
         run.log_history(history)
-        run.write_meta(out)
     ctx.checkpoint.clear()
     return metrics

@@ -179,7 +179,6 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
                 if champion:
                     run.log_metrics({f"champion.{k}": v for k, v in champion.items()})
                 run.log_artifact(out / "decision.json")
-                run.write_meta(out)
                 registry.mark(version, _version_tags(report, champion, run.run_id, params))
             # last: outputs and lineage are committed; an experiment moves no alias
             if place["experiment"] is None:

@@ -42,5 +42,4 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         write_json(out / "card.json", card)
         write_json(metrics_path, {**summary, **card})
         run.log_metrics(summary)
-        run.write_meta(out)
     return summary

@@ -166,6 +166,5 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         run.log_metrics(metrics)
         run.log_history(history)
         run.log_torch_model(model, "tokenizer", train_x[:2].numpy())
-        run.write_meta(out)
     ctx.checkpoint.clear()
     return metrics

@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from genpipe import locks
 
 EXPERIMENT = os.environ.get("GENPIPE_EXPERIMENT", "genpipe")
+REACH_TIMEOUT_S = 3.0  # one bounded check at a stage's start; retries belong mid-run only
+_CREDENTIALS = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/\s@]+@")
 MODEL_PACKAGES = ("torch", "numpy", "pandas")  # what loading a model imports
 
 
@@ -37,17 +46,69 @@ def tracking_uri(root: Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / 'mlflow.db'}"
 
 
+def redact(text: str) -> str:
+    """`http://user:pass@host` -> `http://***@host`, anywhere in `text`: URIs are shown in
+    logs, errors and Prefect artifacts, credentials never."""
+    return _CREDENTIALS.sub(r"\1***@", text)
+
+
+def redact_tracebacks() -> None:
+    """Uncaught errors print redacted: MLflow's own messages carry the full tracking URI."""
+
+    def hook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        sys.stderr.write(redact("".join(traceback.format_exception(kind, exc, tb))))
+
+    sys.excepthook = hook
+
+
+class TrackingUnreachable(ConnectionError):
+    """The tracking server did not answer at a stage's start: a configuration problem until
+    shown otherwise, so the stage stops at once instead of retrying for minutes."""
+
+    transient = False
+
+
+def check_reachable(uri: str | None = None, timeout: float = REACH_TIMEOUT_S) -> None:
+    """One TCP connect to an http(s) tracking server, bounded by `timeout`; a file store
+    needs none."""
+    uri = uri or tracking_uri()
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise TrackingUnreachable(
+            f"MLflow tracking server {redact(uri)} cannot be reached "
+            f"({exc.strerror or exc}); start it, or fix or unset MLFLOW_TRACKING_URI "
+            "(unset: the local mlflow.db)"
+        ) from None
+
+
+def _init_lock(uri: str) -> Path:
+    """Beside a SQLite store (two stages creating it at once raced on its tables), else in
+    the project's own untracked folder."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///") + ".init.lock")
+    return project_root() / ".genpipe" / "store-init.lock"
+
+
 def mlflow() -> Any:
-    """The MLflow module configured for this project (imported lazily: it costs ~2 s)."""
+    """The MLflow module configured for this project (imported lazily: it costs ~2 s).
+    Creating the store and the experiment is serialised by a file lock."""
     logging.getLogger("alembic").setLevel(logging.WARNING)
     import mlflow as mlflow_module
 
-    mlflow_module.set_tracking_uri(tracking_uri())
-    if mlflow_module.get_experiment_by_name(EXPERIMENT) is None:
-        artifacts = None
-        if tracking_uri().startswith("sqlite:"):
-            artifacts = (project_root() / "mlartifacts").as_uri()
-        mlflow_module.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    uri = tracking_uri()
+    check_reachable(uri)
+    mlflow_module.set_tracking_uri(uri)
+    with locks.waiting(_init_lock(uri)):
+        if mlflow_module.get_experiment_by_name(EXPERIMENT) is None:
+            artifacts = None
+            if uri.startswith("sqlite:"):
+                artifacts = (project_root() / "mlartifacts").as_uri()
+            mlflow_module.create_experiment(EXPERIMENT, artifact_location=artifacts)
     mlflow_module.set_experiment(EXPERIMENT)
     return mlflow_module
 

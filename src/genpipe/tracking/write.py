@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,18 +13,18 @@ import numpy as np
 
 from genpipe import lineage
 from genpipe.config import Params
-from genpipe.outputs import write_json
 from genpipe.tracking import store
+
+STALE_TAG = "genpipe.stale"
 
 
 class StageRun:
     """Handle a stage uses to record its run; created by `stage_run`."""
 
-    def __init__(self, mlflow: Any, run_id: str, stage: str, meta: dict[str, Any]) -> None:
+    def __init__(self, mlflow: Any, run_id: str, stage: str) -> None:
         self.mlflow = mlflow
         self.run_id = run_id
         self.stage = stage
-        self.meta = meta
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         clean = {
@@ -85,9 +86,49 @@ class StageRun:
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
-    def write_meta(self, folder: Path, extra: dict[str, Any] | None = None) -> None:
-        """meta.json in an output folder: how downstream stages find this run and its inputs."""
-        write_json(folder / lineage.META_FILE, {**self.meta, **(extra or {})})
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def find_producer(mlflow: Any, root: Path, dep: Path, md5: str) -> tuple[str, str] | None:
+    """(stage, run id) of the finished run that wrote `dep` with these exact bytes: the
+    sidecar when it still matches, else the newest run tagged with that output md5 (outputs
+    restored from DVC's run cache have no sidecar). None when no run in this store made them."""
+    record = lineage.read_sidecar(root, dep)
+    if record.get("md5") == md5 and "run_id" in record:
+        return str(record["stage"]), str(record["run_id"])
+    runs = mlflow.search_runs(
+        filter_string=f"tags.`out.{dep.as_posix()}` = {_quote(md5)} "
+        "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    if not runs:
+        return None
+    return runs[0].data.tags.get("dvc.stage", "unknown"), runs[0].info.run_id
+
+
+def close_stale(mlflow: Any, stage: str, root: Path) -> list[str]:
+    """Mark KILLED, with a tag saying why, every run of `stage` from this project root still
+    RUNNING: its process died without ending it (SIGKILL, power loss). Called under the
+    stage's lock, so no live run of the stage in this checkout can be among them."""
+    stale = mlflow.search_runs(
+        filter_string=f"tags.`dvc.stage` = {_quote(stage)} "
+        f"and tags.`genpipe.root` = {_quote(str(root))} and attributes.status = 'RUNNING'",
+        output_format="list",
+    )
+    client = mlflow.MlflowClient()
+    for run in stale:
+        client.set_tag(
+            run.info.run_id,
+            STALE_TAG,
+            f"still RUNNING when the next {stage} run started (pid {os.getpid()}): its "
+            "process died without ending it; marked KILLED",
+        )
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return [run.info.run_id for run in stale]
 
 
 @contextlib.contextmanager
@@ -102,20 +143,23 @@ def stage_run(
     """An MLflow run for one stage execution, tagged with everything needed to reproduce it.
 
     `keys`: the params sections (or dotted keys) the stage reads, logged and hashed with
-    `base`. `deps` are the stage's input files/folders; their md5s (DVC's scheme) and the run ids in
-    their meta.json become tags. After the body, the md5 of every file of `outs` (but the
-    run-specific meta.json) is logged as `lineage/outputs.json`: what an audit re-run must
-    reproduce byte for byte. The run ends FAILED if the body raises.
+    `base`. `deps` are the stage's input files/folders; their md5s (DVC's scheme) and the
+    runs that made them (`find_producer`) become tags. After the body, each out's md5 is a
+    tag `out.<path>` and a sidecar (genpipe.lineage), and the md5 of every file of `outs` is
+    logged as `lineage/outputs.json`: what an audit re-run must reproduce byte for byte.
+    The run ends FAILED if the body raises; runs of this stage left RUNNING by a killed
+    process are marked KILLED first (`close_stale`).
     """
-    root = root or Path.cwd()
+    root = (root or Path.cwd()).resolve()
     mlflow = store.mlflow()
+    close_stale(mlflow, stage, root)
     git = lineage.git_info(root)
     dep_md5 = {str(d): lineage.dvc_md5(root / d) for d in deps if (root / d).exists()}
-    upstream = {
-        meta["stage"]: meta["run_id"]
+    upstream = dict(
+        found
         for d in deps
-        if (meta := lineage.read_meta(root / d)) and "run_id" in meta
-    }
+        if str(d) in dep_md5 and (found := find_producer(mlflow, root, d, dep_md5[str(d)]))
+    )
     seed = params.base.seed
     meta = {
         "stage": stage,
@@ -134,6 +178,8 @@ def stage_run(
         "git.dirty": git["dirty"],
         "params.hash": meta["params_hash"],
         "seed": seed,
+        "genpipe.root": root,
+        "genpipe.pid": os.getpid(),
         **{f"dep.{k}": v for k, v in dep_md5.items()},
         **{f"upstream.{k}": v for k, v in upstream.items()},
         **{f"version.{k}": v for k, v in meta["versions"].items()},
@@ -142,11 +188,17 @@ def stage_run(
     with mlflow.start_run(run_name=stage, tags={k: str(v) for k, v in tags.items()}) as run:
         meta["run_id"] = run.info.run_id
         mlflow.log_params(store.flatten(params.pick("base", *keys)))
-        handle = StageRun(mlflow, run.info.run_id, stage, meta)
+        handle = StageRun(mlflow, run.info.run_id, stage)
         yield handle
         mlflow.log_metric("wall_seconds", time.perf_counter() - start)
+        written = [o for o in outs or [] if (root / o).exists()]
+        meta["outs"] = {o.as_posix(): lineage.dvc_md5(root / o) for o in written}
+        mlflow.set_tags({f"out.{k}": v for k, v in meta["outs"].items()})
         mlflow.log_dict(lineage.output_digests(root, outs or []), "lineage/outputs.json")
         mlflow.log_dict(meta, "lineage/meta.json")
+        for o in written:
+            record = {"stage": stage, "run_id": handle.run_id, "md5": meta["outs"][o.as_posix()]}
+            lineage.write_sidecar(root, o, record)
 
 
 def log_report(stage: str, files: list[Path], tags: dict[str, Any]) -> str:
