@@ -41,20 +41,8 @@ CODE_LOG_PROB_FLOOR = -100.0  # log-prob of a code outside the top-k/top-p set (
 class ARPrior(CodeTransformer):
     """Class-conditional autoregressive prior p(codes | class) over an (h, w) grid of K codes."""
 
-    def __init__(
-        self,
-        vocab_size: int,
-        grid: tuple[int, int],
-        num_classes: int,
-        dim: int,
-        depth: int,
-        heads: int,
-        dropout: float = 0.0,
-        class_dropout: float = 0.1,
-        pos: str = "rope2d",
-    ) -> None:
-        args = (vocab_size, grid, num_classes, dim, depth, heads, dropout, class_dropout, pos)
-        super().__init__(*args, causal=True)
+    causal = True
+    default_pos = "rope2d"
 
     def _trunk(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
         """Embedded inputs (B, n, dim) at positions start..start+n-1 -> logits (B, n, K)."""

@@ -74,20 +74,9 @@ class Trajectory:
 class MaskGITPrior(CodeTransformer):
     """Class-conditional masked prior over an (h, w) grid of K codes; input code K is [MASK]."""
 
-    def __init__(
-        self,
-        vocab_size: int,
-        grid: tuple[int, int],
-        num_classes: int,
-        dim: int,
-        depth: int,
-        heads: int,
-        dropout: float = 0.0,
-        class_dropout: float = 0.1,
-        pos: str = "learned",
-    ) -> None:
-        args = (vocab_size, grid, num_classes, dim, depth, heads, dropout, class_dropout, pos)
-        super().__init__(*args, causal=False, extra_tokens=1)  # input code K: [MASK]
+    causal = False
+    extra_tokens = 1  # input code K is [MASK], never a prediction
+    default_pos = "learned"
 
     @property
     def mask_token(self) -> int:

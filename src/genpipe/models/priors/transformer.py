@@ -9,7 +9,7 @@ drops for classifier-free guidance; and the kind plumbing `ar` and `maskgit` sha
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -189,8 +189,13 @@ class ClassConditional(nn.Module):
 
 class CodeTransformer(ClassConditional):
     """Trunk of a class-conditional transformer over an (h, w) grid of K codes: token and class
-    embeddings, positions, `depth` blocks, a final norm and a K-way head. `extra_tokens` input
-    codes beyond K (MaskGIT's [MASK]) are never predicted."""
+    embeddings, positions, `depth` blocks, a final norm and a K-way head. A subclass says
+    whether attention is `causal`, how many `extra_tokens` input codes beyond K it reads
+    (never predicted) and its `default_pos`, the positions when `pos` is not given."""
+
+    causal: ClassVar[bool]
+    extra_tokens: ClassVar[int] = 0
+    default_pos: ClassVar[str]
 
     def __init__(
         self,
@@ -200,19 +205,18 @@ class CodeTransformer(ClassConditional):
         dim: int,
         depth: int,
         heads: int,
-        dropout: float,
-        class_dropout: float,
-        pos: str,
-        causal: bool,
-        extra_tokens: int = 0,
+        dropout: float = 0.0,
+        class_dropout: float = 0.1,
+        pos: str | None = None,
     ) -> None:
         super().__init__()
+        pos = self.default_pos if pos is None else pos
         head_dim = check_arch(dim, heads, class_dropout, pos)
         self.vocab_size, self.num_classes = vocab_size, num_classes
         self.grid: tuple[int, int] = (grid[0], grid[1])
         self.seq_len = grid[0] * grid[1]
         self.depth, self.class_dropout, self.pos = depth, class_dropout, pos
-        self.tok_emb = nn.Embedding(vocab_size + extra_tokens, dim)
+        self.tok_emb = nn.Embedding(vocab_size + self.extra_tokens, dim)
         self.class_emb = nn.Embedding(num_classes + 1, dim)  # index num_classes = null class
         if pos == "learned":
             self.pos_emb = nn.Embedding(self.seq_len, dim)  # an Embedding: no weight decay
@@ -221,7 +225,7 @@ class CodeTransformer(ClassConditional):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(dim, heads, dropout, causal) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, dropout, self.causal) for _ in range(depth))
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         self._init_weights()
