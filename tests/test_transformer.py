@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from genpipe.models.priors import ar as transformer
-from genpipe.models.priors.ar import (
-    ARPrior,
+from genpipe.models.priors.ar import ARPrior
+from genpipe.models.priors.transformer import (
     KVCache,
     apply_rope,
     filter_logits,

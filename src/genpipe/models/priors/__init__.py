@@ -1,8 +1,8 @@
 """Priors over a tokenizer's codes, one file per kind, and the registry that finds them.
 
-Every module here but `base` defines `KIND`, a `base.PriorKind`; `PRIOR_KINDS` maps each
-kind's name to it. Adding a kind is adding a file (plus its knobs in config.Prior);
-`register` adds one defined elsewhere (a test, a plugin).
+Every module here but the shared ones (`SHARED`) defines `KIND`, a `base.PriorKind`;
+`PRIOR_KINDS` maps each kind's name to it. Adding a kind is adding a file (plus its knobs in
+config.Prior); `register` adds one defined elsewhere (a test, a plugin).
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from torch import nn
 
 from genpipe.models.priors.base import PriorKind
 
+SHARED = ("base", "transformer")  # modules of pieces the kinds share, not kinds
+
 
 def _discover() -> dict[str, PriorKind]:
     kinds: dict[str, PriorKind] = {}
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name != "base":
+        if info.name not in SHARED:
             kind = importlib.import_module(f"{__name__}.{info.name}").KIND
             kinds[kind.name] = kind
     return kinds

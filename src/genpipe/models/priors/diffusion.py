@@ -33,6 +33,7 @@ from genpipe.models.priors.base import (
     Tensor,
     transformer_arch,
 )
+from genpipe.models.priors.transformer import ClassConditional, check_arch
 from genpipe.rl import Rollout
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ class DiTBlock(nn.Module):
         return x + gate2 * self.mlp(self.ln2(x) * (1 + scale2) + shift2)
 
 
-class Denoiser(nn.Module):
+class Denoiser(ClassConditional):
     """net(x, c_noise, labels) -> same shape as x: a small DiT over the h*w latent cells.
 
     `c_noise` (B,) is the formulation's noise-level input; label index `num_classes` is the
@@ -100,10 +101,7 @@ class Denoiser(nn.Module):
         class_dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
-        if not 0.0 <= class_dropout < 1.0:
-            raise ValueError(f"class_dropout must be in [0, 1), got {class_dropout}")
+        check_arch(dim, heads, class_dropout)
         self.latent_shape = (latent_dim, *grid)
         self.num_classes, self.class_dropout = num_classes, class_dropout
         self.freq_dim = 128
@@ -121,15 +119,6 @@ class Denoiser(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
-
-    def drop_labels(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Bool mask (B,) of labels to replace by the null class, drawn with p = class_dropout."""
-        u = torch.rand(labels.shape[0], generator=generator, device=generator.device)
-        return (u < self.class_dropout).to(labels.device)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -138,10 +127,8 @@ class Denoiser(nn.Module):
         drop_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, d, h, w = x.shape
-        if drop_mask is not None:
-            labels = torch.where(drop_mask, torch.full_like(labels, self.null_class), labels)
         temb = self.time_mlp(timestep_embedding(c_noise, self.freq_dim).to(x.dtype))
-        cond = F.silu(temb + self.class_emb(labels))
+        cond = F.silu(temb + self.class_emb(self.with_null(labels, drop_mask)))
         tokens = self.embed(x.flatten(2).transpose(1, 2)) + self.pos_emb.weight
         for block in self.blocks:
             tokens = block(tokens, cond)

@@ -26,21 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genpipe.models.priors.ar import (
-    POSITIONS,
-    apply_rope,
+from genpipe.models.priors.base import RNG, Metrics, Settings, Tensor
+from genpipe.models.priors.transformer import (
+    CodeTransformer,
+    CodeTransformerKind,
+    check_sampling,
     filter_logits,
-    rope2d_tables,
     sample_categorical,
-)
-from genpipe.models.priors.base import (
-    RNG,
-    CodeSpace,
-    Metrics,
-    PriorKind,
-    Settings,
-    Tensor,
-    transformer_arch,
+    token_sampling,
 )
 from genpipe.rl import Rollout
 
@@ -78,119 +71,16 @@ class Trajectory:
     logp: torch.Tensor
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention over every cell (no causal mask)."""
-
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        b, n, d = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.heads, d // self.heads)
-        if rope is not None:
-            q, k = apply_rope(qkv[:, :, :2], *(t[:, None, None] for t in rope)).unbind(2)
-            v = qkv[:, :, 2]
-        else:
-            q, k, v = qkv.unbind(2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        return self.proj(y.transpose(1, 2).reshape(b, n, d))
-
-
-class Block(nn.Module):
-    """Pre-norm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
-
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        self.ln1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout)
-        self.ln2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, 4 * dim, bias=False), nn.GELU(), nn.Linear(4 * dim, dim, bias=False)
-        )
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), rope))
-        return x + self.drop(self.mlp(self.ln2(x)))
-
-
-class MaskGITPrior(nn.Module):
+class MaskGITPrior(CodeTransformer):
     """Class-conditional masked prior over an (h, w) grid of K codes; input code K is [MASK]."""
 
-    def __init__(
-        self,
-        vocab_size: int,
-        grid: tuple[int, int],
-        num_classes: int,
-        dim: int,
-        depth: int,
-        heads: int,
-        dropout: float = 0.0,
-        class_dropout: float = 0.1,
-        pos: str = "learned",
-    ) -> None:
-        super().__init__()
-        if pos not in POSITIONS:
-            raise ValueError(f"pos must be one of {POSITIONS}, got {pos!r}")
-        if dim % heads:
-            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
-        head_dim = dim // heads
-        if pos == "rope2d" and head_dim % 4:
-            raise ValueError(f"rope2d needs head_dim = dim/heads divisible by 4, got {head_dim}")
-        if not 0.0 <= class_dropout < 1.0:
-            raise ValueError(f"class_dropout must be in [0, 1), got {class_dropout}")
-        self.vocab_size, self.num_classes = vocab_size, num_classes
-        self.grid: tuple[int, int] = (grid[0], grid[1])
-        self.seq_len = grid[0] * grid[1]
-        self.depth, self.class_dropout, self.pos = depth, class_dropout, pos
-        self.tok_emb = nn.Embedding(vocab_size + 1, dim)  # index vocab_size = [MASK]
-        self.class_emb = nn.Embedding(num_classes + 1, dim)  # index num_classes = null class
-        if pos == "learned":
-            self.pos_emb = nn.Embedding(self.seq_len, dim)
-        else:
-            cos, sin = rope2d_tables(self.grid, head_dim)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(depth))
-        self.ln_f = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab_size, bias=False)  # [MASK] is never a prediction
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """GPT-2 init, as the AR prior: N(0, 0.02), residual projections / sqrt(2 * depth)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-        for block in self.modules():
-            if isinstance(block, Block):
-                for proj in (block.attn.proj, block.mlp[2]):
-                    assert isinstance(proj, nn.Linear)
-                    nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.depth))
+    causal = False
+    extra_tokens = 1  # input code K is [MASK], never a prediction
+    default_pos = "learned"
 
     @property
     def mask_token(self) -> int:
         return self.vocab_size
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
-
-    def drop_labels(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Bool mask (B,) of labels to replace by the null class, drawn with p = class_dropout."""
-        u = torch.rand(labels.shape[0], generator=generator, device=generator.device)
-        return (u < self.class_dropout).to(labels.device)
-
-    def _flat(self, codes: torch.Tensor) -> torch.Tensor:
-        codes = codes.reshape(codes.shape[0], -1)
-        if codes.shape[1] != self.seq_len:
-            raise ValueError(f"expected {self.seq_len} codes per sample, got {codes.shape[1]}")
-        return codes
 
     def forward(
         self,
@@ -203,17 +93,8 @@ class MaskGITPrior(nn.Module):
         (B,) -> logits (B, L, K) for every cell, or (B, n, K) for the cells (B, n) indexed by
         `cells` (sampling scores only the masked ones). `drop_mask` (B,) bool: null class."""
         codes = self._flat(codes)
-        if drop_mask is not None:
-            labels = torch.where(drop_mask, torch.full_like(labels, self.null_class), labels)
-        x = self.tok_emb(codes) + self.class_emb(labels)[:, None]
-        rope = None
-        if self.pos == "learned":
-            x = x + self.pos_emb.weight
-        else:
-            rope = (self.rope_cos, self.rope_sin)
-        x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, rope)
+        x = self.tok_emb(codes) + self.class_emb(self.with_null(labels, drop_mask))[:, None]
+        x = self._hidden(x)
         if cells is not None:
             x = x.gather(1, cells[..., None].expand(-1, -1, x.shape[-1]))
         return self.head(self.ln_f(x))
@@ -398,34 +279,19 @@ def _cells_of(mask: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _check_sampling(cfg_scale: float, temperature: float, choice_temperature: float) -> None:
-    if cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_sampling(cfg_scale, temperature)
     if choice_temperature < 0:
         raise ValueError(f"choice_temperature must be >= 0, got {choice_temperature}")
 
 
-class MaskGITKind(PriorKind):
+class MaskGITKind(CodeTransformerKind):
     name = "maskgit"
     module = MaskGITPrior
     cfg_scale = 1.0  # digits: 2.0 (AR's) cost 0.25 of recall and 2.8x the FID ratio, measured
 
-    def from_params(self, cfg: Prior, space: CodeSpace) -> dict[str, Any]:
-        return {
-            "vocab_size": space.codebook_size,
-            **transformer_arch(cfg, space),
-            "dropout": cfg.dropout,
-            "class_dropout": cfg.class_dropout,
-            "pos": cfg.pos,
-        }
-
     def sampling(self, cfg: Prior) -> dict[str, Any]:
         return {
-            "cfg_scale": self.guidance(cfg),
-            "temperature": cfg.temperature,
-            "top_k": cfg.top_k,
-            "top_p": cfg.top_p,
+            **super().sampling(cfg),
             "steps": cfg.decoding_steps,
             "choice_temperature": cfg.choice_temperature,
         }
@@ -441,10 +307,7 @@ class MaskGITKind(PriorKind):
         return gen.prior.sample(
             labels,
             rng,
-            temperature=s.get("temperature", 1.0),
-            top_k=s.get("top_k"),
-            top_p=s.get("top_p"),
-            cfg_scale=s.get("cfg_scale", 1.0),
+            **token_sampling(s),
             steps=min(s.get("steps", 8), gen.prior.seq_len),
             choice_temperature=s.get("choice_temperature", 4.5),
         )
