@@ -231,7 +231,9 @@ def floor_sample(
     return x[torch.cat(picks)], m
 
 
-def equal_n_sets(fake: torch.Tensor, per_class: int, num_classes: int, m: int) -> list[torch.Tensor]:
+def equal_n_sets(
+    fake: torch.Tensor, per_class: int, num_classes: int, m: int
+) -> list[torch.Tensor]:
     """Class-ordered generated rows (per_class per class) cut into per_class // m disjoint
     sets of m per class, the floor's size: FID falls as N grows, so FID(fake) / FID(floor) at
     unequal N would flatter whichever set is larger."""

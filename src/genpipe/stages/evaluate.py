@@ -4,8 +4,9 @@ For each generator: N samples per class (seeded); FID in the evaluator's penulti
 space against the test split, with its floor (FID of real val images, which the evaluator never
 trained on, against the same test split: m per class, m = min(samples_per_class, the smallest
 val class); `fid_floor_n` reports the floor's N) and their ratio at equal N (the generated
-samples cut into disjoint sets of the floor's size, their mean FID over the floor's); k-NN precision/recall; class consistency; diversity
-(mean pairwise feature distance, entropy of the codes); plus the tokenizer's reconstructions.
+samples cut into disjoint sets of the floor's size, their mean FID over the floor's); k-NN
+precision/recall; class consistency; diversity (mean pairwise feature distance, entropy of
+the codes); plus the tokenizer's reconstructions.
 FID ratio, precision, recall and class consistency get 95% bootstrap intervals (`*_ci_low`,
 `*_ci_high`; see genpipe.evaluation_intervals).
 """
