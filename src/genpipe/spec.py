@@ -63,8 +63,8 @@ class StageSpec:
         inputs and code (saved by rank 0 only)."""
         store.check_reachable()
         world = distributed.init()
-        generator = seed_everything(params.base.seed)
         device = pick_device(params.base.device)
+        generator = seed_everything(params.base.seed, device)
         if device.type == "cuda" and world.size > 1:
             device = torch.device("cuda", torch.cuda.current_device())
         used = self.deps if deps is None else deps
