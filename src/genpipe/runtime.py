@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from genpipe.config import ParamsError
 
@@ -87,3 +88,12 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def maybe_compile(model: nn.Module, requested: bool, device: torch.device) -> bool:
+    """torch.compile `model`'s call in place when `base.compile` asks and the device is CUDA
+    (on CPU, Inductor's C++ build costs more than test-sized models gain); True if it did."""
+    if not requested or device.type != "cuda":
+        return False
+    model.compile()
+    return True

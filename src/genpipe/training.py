@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from genpipe.checkpoint import Checkpoint
 from genpipe.distributed import SINGLE, World
-from genpipe.runtime import autocast
+from genpipe.runtime import autocast, maybe_compile
 
 if TYPE_CHECKING:
     from genpipe.config import Optim
@@ -137,7 +137,8 @@ def fit(
     gradient clipping, optional EMA weights; `parts` (anything with state_dict, e.g. a
     discriminator and its optimiser, updated in `after_step(step)`) and `generators` are
     saved with the checkpoint. `on_step(step, model)` runs last in each step (interrupt
-    tests, benchmarks); `compile` runs the model through torch.compile (CUDA). Returns the
+    tests, benchmarks); `compile` (base.compile) runs the model through torch.compile on
+    CUDA. Returns the
     EMA (or trained) model in eval mode and the curve.
 
     Under torchrun (`world`), `loss_fn` computes the loss of this rank's shard of the step's
@@ -153,8 +154,8 @@ def fit(
     saved: dict[str, Any] = {"model": model, "opt": opt, "sched": sched, **(parts or {})}
     if ema is not None:
         saved["ema"] = ema.model
-    if compile:  # torch.compile of the module's call, in place (after the EMA copy)
-        model.compile()
+    device = next(model.parameters()).device
+    maybe_compile(model, compile, device)  # in place, after the EMA copy
     history: History = []
     start = 0
     every_generator = (*generators, *shared)
@@ -163,7 +164,6 @@ def fit(
             obj.load_state_dict(state[key])
         history, start = state["history"], state["step"]
     world.sync_state(model)
-    device = next(model.parameters()).device
     model.train()
     for step in steps(start, cfg.steps, desc, quiet=not world.is_main):
         with world.rank_streams(generators):

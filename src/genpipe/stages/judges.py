@@ -46,6 +46,7 @@ def train_judge(
     checkpoint: Checkpoint,
     on_step=None,
     world: World = SINGLE,
+    compile: bool = False,
 ) -> tuple[Classifier, History]:
     """Cross-entropy training with its own seed (weights, dropout and batch order), from
     scratch or resuming `checkpoint`; under torchrun on this rank's shard of each batch."""
@@ -65,6 +66,7 @@ def train_judge(
         f"judge {arch['arch']}",
         on_step=on_step,
         world=world,
+        compile=compile,
     )
     return final, history  # type: ignore[return-value]
 
@@ -80,7 +82,9 @@ def train_all(
         arch = judge_arch(cfg, params, num_classes)
         every = cfg.optim.checkpoint_every if ctx.world.is_main else 0
         checkpoint = ctx.checkpoint.part(role, every)
-        model, history = train_judge(cfg, arch, x, y, ctx.device, checkpoint, world=ctx.world)
+        model, history = train_judge(
+            cfg, arch, x, y, ctx.device, checkpoint, world=ctx.world, compile=ctx.compile
+        )
         yield role, cfg, arch, model.cpu(), history
 
 

@@ -87,6 +87,7 @@ def train(
         shared=(augment_g,),
         on_step=on_step,
         world=world,
+        compile=ctx.compile,
     )
     return final.encoder.eval(), history  # type: ignore[return-value]
 

@@ -79,7 +79,7 @@ def train(
         f"prior ({cfg.kind})",
         generators=(ctx.generator,),
         log_lr=True,
-        compile=cfg.compile and ctx.device.type == "cuda",
+        compile=ctx.compile,
         on_step=on_step,
         world=ctx.world,
     )

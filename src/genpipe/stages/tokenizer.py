@@ -107,6 +107,7 @@ def train(
         after_step=discriminator_step,
         on_step=on_step,
         world=world,
+        compile=ctx.compile,
     )
     return final, history  # type: ignore[return-value]
 
