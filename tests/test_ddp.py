@@ -1,14 +1,17 @@
-"""Data-parallel training under torchrun (gloo, CPU): each stage that trains, run by two
-processes, against one process at the same global batch; resume under DDP; and the pieces
-(sharding, group sharding, per-rank streams) in one process.
+"""Data-parallel training under torchrun (gloo, CPU), two processes.
 
-Tolerance, for every stage: the relative L2 distance between the two runs' weights is at most
-1e-3 and the loss curves agree to 1e-3 (relative). Not bytes: a rank's loss is the mean over
-its shard, so the averaged gradient equals the whole batch's only up to float summation order,
-and Adam turns a sign flip of a near-zero gradient into a full lr-sized step of that weight.
-Per-sample noise (dropout, class dropout) is drawn per rank, from forks of the shared streams,
-so those comparisons switch it off; SimCLR's augmentations are drawn for the global batch and
-stay on.
+tests/ddp_worker.py (one torchrun start) trains pretrain, both judges, tokenizer and prior on
+two ranks against the same training on one process at the same global batch, resumes under
+DDP, and checks RL's group sharding; here, finetune runs as a stage under torchrun, and the
+pieces (group sharding, per-rank streams, the flow on rank 0) run in one process.
+
+Tolerance of the 2-vs-1 comparisons: relative L2 distance of all weights at most 1e-3 (the
+worker's TOL). Not bytes: a rank's loss is the mean over its shard, so the averaged gradient
+equals the whole batch's only up to float summation order (~1e-6 relative), and Adam turns
+the sign of a mathematically zero gradient (a bias just before BatchNorm) into a full
+lr-sized step. Per-sample noise (dropout, class dropout) is drawn per rank, from forks of the
+shared streams, so those comparisons switch it off; SimCLR's augmentations are drawn for the
+global batch and stay on. Resume under DDP is compared byte for byte.
 """
 
 from __future__ import annotations
@@ -40,11 +43,6 @@ INPUTS = {
     "prior": ["data/codes", "models/tokenizer", "models/judges"],
     "finetune": ["data/prepared", "models/prior", "models/tokenizer", "models/judges"],
 }
-NO_DROPOUT = {
-    "judges": {"reward": {"dropout": 0.0}, "evaluator": {"dropout": 0.0}},
-    "prior": {"dropout": 0.0, "class_dropout": 0.0},
-}
-TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +86,6 @@ def torchrun(
     return proc
 
 
-def _one_process(root: Path, stage: str) -> None:
-    with cpu_threads(torch.device("cpu")):
-        run_stage(stage, load_params(root / "params.yaml"), root)
-
-
 def _weights(path: Path) -> torch.Tensor:
     state = torch.load(path, weights_only=False)["state_dict"]
     return torch.cat([v.double().flatten() for k, v in state.items() if v.is_floating_point()])
@@ -108,45 +101,13 @@ def _curve(path: Path) -> list[dict[str, str]]:
     return [dict(zip(keys, line.split(","), strict=True)) for line in lines[1:]]
 
 
-def _curves_close(a: Path, b: Path) -> None:
-    rows_a, rows_b = _curve(a), _curve(b)
-    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
-    for ra, rb in zip(rows_a, rows_b, strict=True):
-        la, lb = float(ra["loss"]), float(rb["loss"])
-        assert abs(la - lb) <= TOL * max(1.0, abs(la)), (ra, rb)
-
-
-def _compare(upstream: Path, tmp_path: Path, stage: str, models: list[str], curves: list[str]):
-    extra = {stage: NO_DROPOUT.get(stage, {})}
-    one = _root(upstream, tmp_path / "one", stage, extra)
-    two = _root(upstream, tmp_path / "two", stage, extra)
-    _one_process(one, stage)
-    torchrun(two, "-m", "genpipe.cli", "stage", stage)
-    for rel in models:
-        rel_l2 = _relative(_weights(one / rel), _weights(two / rel))
-        assert rel_l2 <= TOL, f"{rel}: relative L2 {rel_l2:.2e}"
-        print(f"{stage} {rel}: 2 processes vs 1, relative L2 {rel_l2:.2e}")
-    for rel in curves:
-        _curves_close(one / rel, two / rel)
-    assert not (two / "checkpoints" / stage).exists() or not any(
-        (two / "checkpoints" / stage).iterdir()
-    )
-    return one, two
-
-
 @pytest.mark.slow
-def test_prior_two_processes_match_one(upstream, tmp_path):
-    _compare(upstream, tmp_path, "prior", ["models/prior/prior.pt"], ["plots/prior/loss.csv"])
-
-
-@pytest.mark.slow
-def test_finetune_runs_under_torchrun_through_its_flow(upstream, tmp_path, prefect_api):
-    """`python -m flows.stage finetune` under two processes: rank 0 runs the Prefect flow,
-    rank 1 the stage alongside it; RL trains and rank 0 writes. Ranks draw their own samples,
-    so the run is not the single process's (the worker test checks the group sharding)."""
-    extra = {"finetune": {"steps": 3}}
-    two = _root(upstream, tmp_path / "two", "finetune", extra)
-    proc = torchrun(two, "-m", "flows.stage", "finetune", env={"PREFECT_API_URL": prefect_api})
+def test_finetune_stage_under_torchrun(upstream, tmp_path):
+    """`genpipe stage finetune` under two processes: RL trains for its steps within the KL
+    rails, rank 0 alone writes and shows progress. Ranks draw their own samples, so the run
+    is not the single process's (the worker test checks group sharding and the replicas)."""
+    two = _root(upstream, tmp_path / "two", "finetune", {"finetune": {"steps": 3}})
+    proc = torchrun(two, "-m", "genpipe.cli", "stage", "finetune")
     metrics = json.loads((two / "metrics/finetune.json").read_text())
     assert metrics["steps_run"] == 3
     rows = _curve(two / "plots/finetune/reward.csv")
@@ -154,11 +115,29 @@ def test_finetune_runs_under_torchrun_through_its_flow(upstream, tmp_path, prefe
     assert all(float(r["kl"]) <= float(r["kl_bound"]) for r in rows)
     before = _weights(upstream / "models/prior/prior.pt")
     assert _relative(before, _weights(two / "models/finetune/prior.pt")) > 0
-    assert (
-        proc.stdout.count("Finished in state Completed")
-        + proc.stderr.count("Finished in state Completed")
-        == 2
-    )  # rank 0's flow and its task, and nothing from rank 1
+    assert proc.stderr.count("finetune:") == 1  # one progress bar: rank 0's
+    assert not (two / "checkpoints/finetune").exists() or not any(
+        (two / "checkpoints/finetune").iterdir()
+    )
+
+
+def test_flow_runs_on_rank_0_only(monkeypatch, tmp_path):
+    """`python -m flows.stage` under torchrun: rank 0 runs the Prefect flow, another rank the
+    stage alone (no flow, no temporary Prefect server of its own)."""
+    import flows.stage as flow_stage
+
+    calls: list[str] = []
+    monkeypatch.setattr(flow_stage, "check_reachable", lambda: None)
+    monkeypatch.setattr(flow_stage, "run_stage", lambda name, params: calls.append(f"run {name}"))
+    monkeypatch.setattr(
+        flow_stage, "stage_flow", lambda name: lambda path: calls.append(f"flow {name}")
+    )
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    params_path = str(tmp_path / "params.yaml")
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        flow_stage.main(["judges", params_path])
+    assert calls == ["run judges", "flow judges"]
 
 
 def test_shard_groups_gives_each_rank_whole_groups():
