@@ -1,4 +1,4 @@
-# The image of the Docker work pool (prefect.yaml: nightly-docker; README: Scaling out): the
+# The image of the Docker work pool (prefect.yaml: nightly-docker; README: Work pools): the
 # project, its pinned dependencies and a git checkout that flow runs start in. Build it from a
 # clean, committed checkout of main, so lineage records a real commit and `champion` may move:
 #   docker build -t genpipe:latest .
@@ -6,14 +6,14 @@
 # the deployment's job variables are ones a docker pool accepts.
 FROM python:3.11-slim
 
-# git: DVC and lineage read the checkout's commit; make: the README's commands.
-RUN apt-get update && apt-get install -y --no-install-recommends git make \
+# git: DVC and lineage read the checkout's commit.
+RUN apt-get update && apt-get install -y --no-install-recommends git \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/genpipe
 # Dependencies first, so a code change does not reinstall them. On a CPU-only host add
 # `--extra-index-url https://download.pytorch.org/whl/cpu` for the much smaller torch wheel.
-COPY pyproject.toml requirements.lock ./
+COPY pyproject.toml requirements.lock README.md ./
 RUN mkdir -p src/genpipe && touch src/genpipe/__init__.py \
     && pip install --no-cache-dir -c requirements.lock -e . \
     && rm -rf src

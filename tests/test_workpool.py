@@ -10,7 +10,6 @@ import base64
 import contextlib
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,13 +88,12 @@ def stop_tree(proc: subprocess.Popen) -> None:
     except psutil.NoSuchProcess:
         return
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=20)
     for p in alive:
-        p.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
     proc.wait(timeout=10)
 
 
@@ -224,9 +222,8 @@ def test_docker_deployment_fits_a_docker_pool(origin, prefect_api):
     assert set(variables) <= set(accepted), set(variables) - set(accepted)
     assert deployment.global_concurrency_limit.limit == 1
     assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
-    assert deployment.pull_steps == [
-        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $GENPIPE_CHECKOUT }}"}}
-    ]
+    step = {"directory": "{{ $GENPIPE_CHECKOUT }}"}
+    assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": step}]
     dockerfile = (origin / "Dockerfile").read_text()
     checkout = next(
         line.split("=", 1)[1].split()[0]
