@@ -211,15 +211,16 @@ def test_run_leaves_summary_table_and_sample_grid(two_runs):
 
 
 def test_docker_deployment_fits_a_docker_pool(origin, prefect_api):
-    """The image, env and cache volume of `nightly-docker` are variables of a docker pool's
-    job template, its runs start at the image's checkout, and it keeps the limit of 1."""
+    """The image, env and cache volume of `nightly-docker` are variables of a docker pool's job
+    template (the server checks their values against it when the deployment is created), its
+    runs start at the image's checkout, and it keeps the limit of 1."""
     prefect(["work-pool", "create", DOCKER_POOL, "--type", "docker"], origin, prefect_api)
     deployment = deploy("nightly-docker", DOCKER_POOL, origin, prefect_api)
     with api_client(prefect_api) as client:
         pool = client.read_work_pool(DOCKER_POOL)
-    accepted = pool.base_job_template["variables"]["properties"]
+    schema = pool.base_job_template["variables"]
     variables = deployment.job_variables
-    assert set(variables) <= set(accepted), set(variables) - set(accepted)
+    assert set(variables) <= set(schema["properties"]), set(variables) - set(schema["properties"])
     assert deployment.global_concurrency_limit.limit == 1
     assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
     step = {"directory": "{{ $GENPIPE_CHECKOUT }}"}
