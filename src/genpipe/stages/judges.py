@@ -6,13 +6,14 @@ seed) only scores samples, so a generator that games the reward judge shows up i
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from genpipe import artifacts, viz
+from genpipe import artifacts, curves, viz
 from genpipe.artifacts.judges import judge_arch
 from genpipe.checkpoint import Checkpoint
 from genpipe.config import Judge, Params
@@ -71,7 +72,8 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             arch = judge_arch(cfg, params, num_classes)
             every = cfg.optim.checkpoint_every if ctx.world.is_main else 0
             checkpoint = ctx.checkpoint.part(role, every)
-            model, history = train_judge(cfg, arch, train_x, train_y, ctx.device, checkpoint)
+            with curves.to(functools.partial(run.log_row, prefix=f"{role}/")):
+                model, history = train_judge(cfg, arch, train_x, train_y, ctx.device, checkpoint)
             model = model.cpu()
             predicted = predictions(model, test_x)
             acc = float((predicted == test_y).double().mean())
