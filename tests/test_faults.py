@@ -310,6 +310,29 @@ def test_retrain_flow_checks_data_before_any_repro(tmp_path, monkeypatch, prefec
     assert called == []
 
 
+def test_pipeline_flow_gives_its_stages_one_mlflow_parent(monkeypatch, prefect_api):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import pipeline
+    from genpipe.tracking import parent
+
+    seen = []
+    monkeypatch.delenv(parent.PIPELINE_ENV, raising=False)
+    monkeypatch.setattr(pipeline, "stage_order", lambda: ["prepare", "judges"])
+    monkeypatch.setattr(  # what each `dvc repro` (and so each stage process) inherits
+        pipeline, "run_dvc", lambda *args: seen.append(os.environ.get(parent.PIPELINE_ENV)) or ""
+    )
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        state = pipeline.pipeline_flow(return_state=True)
+    assert state.is_completed() and len(seen) == 2 and seen[0] == seen[1]
+    flow_run = str(state.state_details.flow_run_id)
+    group = json.loads(seen[0])
+    assert (
+        group["key"] == f"prefect:{flow_run}" and group["tags"]["prefect.flow_run_id"] == flow_run
+    )
+    assert parent.PIPELINE_ENV not in os.environ  # set for the flow's stages only
+
+
 # -- 7. an unreachable tracking server fails the stage at once --
 
 
