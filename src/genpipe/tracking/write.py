@@ -100,7 +100,11 @@ class StageRun:
         }
         try:
             info = self.mlflow.pytorch.log_model(
-                model, input_example=input_example, serialization_format="pt2", **common
+                model,
+                input_example=input_example,  # what torch.export traces
+                serialization_format="pt2",
+                validate_serving_input=False,  # a record, not served: a tuple output is fine
+                **common,
             )
         except Exception as exc:  # noqa: BLE001 - torch.export refuses in many types
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
