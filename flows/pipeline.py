@@ -12,11 +12,13 @@ This is the flow the nightly deployment schedules (flows/deploy.py, prefect.yaml
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from graphlib import TopologicalSorter
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ import yaml
 from flows.stage import is_transient, retry_transient
 from genpipe import lineage
 from genpipe.prefect_server import local_server
+from genpipe.tracking import parent
 from genpipe.tracking.store import redact
 
 DECISION = Path("reports/register/decision.json")
@@ -63,7 +66,7 @@ class StageFailed(RuntimeError):
     """A stage exited non-zero; `transient` says whether another try may succeed."""
 
     def __init__(self, stage: str, output: str) -> None:
-        super().__init__(f"stage {stage} failed:\n{output}")
+        super().__init__(f"stage {stage} failed:\n{redact(output)}")
         self.transient = is_transient(RuntimeError(output))
 
 
@@ -147,6 +150,28 @@ def summary_markdown(
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def mlflow_parent() -> Iterator[None]:
+    """The stage runs this flow starts (each in a `dvc repro` process) nest under one MLflow
+    parent run keyed and tagged by this flow run; inside another flow, the outer one's."""
+    from prefect.runtime import flow_run
+
+    if os.environ.get(parent.PIPELINE_ENV):
+        yield
+        return
+    tags = {
+        "prefect.flow_run_id": str(flow_run.id),
+        "prefect.flow_run_name": str(flow_run.name),
+        "prefect.flow_name": str(flow_run.flow_name),
+    }
+    name = f"{flow_run.flow_name} {flow_run.name}"
+    os.environ[parent.PIPELINE_ENV] = parent.describe(f"prefect:{flow_run.id}", name, tags)
+    try:
+        yield
+    finally:
+        os.environ.pop(parent.PIPELINE_ENV, None)
+
+
 def build_flows() -> tuple[Any, Any]:
     from prefect import flow, task
     from prefect.artifacts import create_image_artifact, create_markdown_artifact
@@ -162,7 +187,8 @@ def build_flows() -> tuple[Any, Any]:
 
     @flow(name="pipeline")
     def pipeline() -> list[dict[str, Any]]:
-        return [stage_task.with_options(name=name)(name) for name in stage_order()]
+        with mlflow_parent():
+            return [stage_task.with_options(name=name)(name) for name in stage_order()]
 
     @flow(name="retrain_and_promote", timeout_seconds=TIMEOUT_S)
     def retrain_and_promote(pull: bool = False, update_imports: bool = False) -> dict[str, Any]:
@@ -178,7 +204,8 @@ def build_flows() -> tuple[Any, Any]:
         # the one place besides a clean main workspace whose register may move `champion`
         os.environ[PROMOTION_FLOW_ENV] = "1"
         try:
-            results = pipeline()
+            with mlflow_parent():
+                results = pipeline()
         finally:
             os.environ.pop(PROMOTION_FLOW_ENV, None)
         decision = json.loads(DECISION.read_text()) if DECISION.is_file() else None

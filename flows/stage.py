@@ -24,8 +24,10 @@ from genpipe.tracking.store import (
     TrackingUnreachable,
     check_reachable,
     redact,
+    redact_exception,
     redact_tracebacks,
 )
+from genpipe.tracking.write import FLOW_RUN_ENV
 
 TRANSIENT = (ConnectionError, TimeoutError)
 
@@ -60,10 +62,16 @@ def stage_flow(name: str) -> Any:
         retry_condition_fn=retry_transient,
     )
     def stage_task(params_path: str) -> Any:
-        return run_stage(name, load_params(params_path))
+        try:
+            return run_stage(name, load_params(params_path))
+        except Exception as exc:  # Prefect logs and stores it: credentials out first
+            raise redact_exception(exc)  # noqa: B904 - the same exception, redacted
 
     @flow(name=name, description=load(name).__doc__ or "")
     def stage(params_path: str = "params.yaml") -> Any:
+        from prefect.runtime import flow_run
+
+        os.environ[FLOW_RUN_ENV] = str(flow_run.id)  # a tag of the stage's MLflow run
         return stage_task(params_path)
 
     return stage

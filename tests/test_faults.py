@@ -310,6 +310,29 @@ def test_retrain_flow_checks_data_before_any_repro(tmp_path, monkeypatch, prefec
     assert called == []
 
 
+def test_pipeline_flow_gives_its_stages_one_mlflow_parent(monkeypatch, prefect_api):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import pipeline
+    from genpipe.tracking import parent
+
+    seen = []
+    monkeypatch.delenv(parent.PIPELINE_ENV, raising=False)
+    monkeypatch.setattr(pipeline, "stage_order", lambda: ["prepare", "judges"])
+    monkeypatch.setattr(  # what each `dvc repro` (and so each stage process) inherits
+        pipeline, "run_dvc", lambda *args: seen.append(os.environ.get(parent.PIPELINE_ENV)) or ""
+    )
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        state = pipeline.pipeline_flow(return_state=True)
+    assert state.is_completed() and len(seen) == 2 and seen[0] == seen[1]
+    flow_run = str(state.state_details.flow_run_id)
+    group = json.loads(seen[0])
+    assert (
+        group["key"] == f"prefect:{flow_run}" and group["tags"]["prefect.flow_run_id"] == flow_run
+    )
+    assert parent.PIPELINE_ENV not in os.environ  # set for the flow's stages only
+
+
 # -- 7. an unreachable tracking server fails the stage at once --
 
 
@@ -380,6 +403,41 @@ def test_prefect_summary_shows_the_uri_redacted():
 
     text = summary_markdown([], None, None, "http://user:pass@mlflow:5000")
     assert "http://***@mlflow:5000" in text and "pass" not in text
+
+
+def test_prefect_failure_logs_and_states_show_the_uri_redacted(prefect_api, monkeypatch):
+    import logging
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import stage
+
+    uri = "http://alice:s3cret@mlflow:5000"  # not on a line the traceback quotes
+
+    def failing(name, params):
+        try:
+            raise OSError(f"token rejected by {uri}")
+        except OSError as inner:
+            raise RuntimeError(f"API request to {uri}/api failed") from inner
+
+    monkeypatch.setattr(stage, "load_params", lambda path: None)
+    monkeypatch.setattr(stage, "run_stage", failing)
+    flow = stage.stage_flow("prepare")  # imports Prefect, whose logging set-up drops handlers
+    formatter = logging.Formatter("%(name)s %(message)s")
+    lines: list[str] = []
+    seen = logging.Handler()
+    seen.emit = lambda record: lines.append(formatter.format(record))  # type: ignore[method-assign]
+    logging.getLogger("prefect").addHandler(seen)  # Prefect's console and API handlers see these
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_api}):
+            state = flow(return_state=True)
+    finally:
+        logging.getLogger("prefect").removeHandler(seen)
+    text = "\n".join(lines)
+    assert state.is_failed() and "Traceback" in text and "prefect.task_runs" in text
+    assert "s3cret" not in text and "s3cret" not in state.message
+    assert "http://***@mlflow:5000/api failed" in text and "http://***@mlflow:5000" in state.message
+    assert "token rejected by http://***@mlflow:5000" in text  # the chained cause too
 
 
 # -- 9. CLI and deployment bits --

@@ -22,8 +22,8 @@ from genpipe.models.classifier import Classifier
 from genpipe.models.priors import PRIOR_KINDS, prior_kind, register
 from genpipe.models.priors.base import PriorKind
 from genpipe.models.priors.maskgit import MaskGITPolicy, MaskGITPrior
-from genpipe.registry import GeneratorModel
 from genpipe.rewards import WeightedReward
+from genpipe.serving import GeneratorModel
 from genpipe.stages import finetune, prior
 
 CLASSES = 3

@@ -123,6 +123,29 @@ def test_a_better_model_replaces_a_degraded_champion(root):
     assert better["champion_version"] == degraded["version"]
 
 
+def test_the_registered_generator_is_code_and_weights_with_an_optional_seed(root, tmp_path):
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    project.use(root, "good")
+    _register(root)
+    uri = f"models:/{registry.MODEL_NAME}@champion"
+    saved = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "model")))
+    flavor = yaml.safe_load((saved / "MLmodel").read_text())["flavors"]["python_function"]
+    assert "python_model" not in flavor and flavor["model_code_path"].endswith("serving.py")
+    assert not list(saved.rglob("*.pkl"))  # nothing cloudpickled
+    model = mlflow.pyfunc.load_model(uri)  # as serving and the registry load it
+    inputs = {c.name: c.required for c in model.metadata.get_input_schema().inputs}
+    assert inputs == {"label": True, "seed": False}
+    unseeded = model.predict(pd.DataFrame({"label": [0, 2]}))
+    seeded = model.predict(pd.DataFrame({"label": [0, 2], "seed": [0, 0]}))
+    other = model.predict(pd.DataFrame({"label": [0, 2], "seed": [4, 4]}))
+    assert unseeded.shape == (2, 1, 8, 8) and unseeded.dtype == np.float32
+    assert np.array_equal(unseeded, seeded) and not np.array_equal(seeded, other)
+
+
 def test_a_failure_before_the_alias_step_moves_no_alias(root, monkeypatch):
     project.use(root, "good")
     champion = _register(root)["version"]
@@ -200,6 +223,9 @@ def test_two_racing_registers_move_champion_once(root):
     ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    for _, err in outs:  # nothing a user cannot act on
+        for noise in ("CloudPickle", "integer column", "Downloading", "example", "signature"):
+            assert noise not in err, err[-3000:]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert sorted(r["promote"] for r in results) == [False, True]
     winner = next(r["version"] for r in results if r["promote"])

@@ -1,9 +1,5 @@
-"""The registered generator (an MLflow pyfunc) and the promotion gate.
-
-Contract of `genpipe-generator`: input a pandas DataFrame with an int column `label` and an
-optional int column `seed` (default 0); output float32 (N, C, H, W) in [0, 1], the scale and
-orientation of data/prepared. Row i depends only on (label_i, seed_i).
-"""
+"""Logging the registered generator (genpipe.serving, an MLflow pyfunc) and the promotion
+gate."""
 
 from __future__ import annotations
 
@@ -15,9 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
-import numpy as np
 import pandas as pd
-import torch
 
 from genpipe.tracking import store
 
@@ -25,47 +19,6 @@ MODEL_NAME = "genpipe-generator"
 CANDIDATE, CHAMPION = "candidate", "champion"
 MAIN_BRANCH = "main"  # champion moves only from a clean run on it (or from the flow)
 PROMOTION_FLOW_ENV = "GENPIPE_PROMOTION_FLOW"  # set to 1 by flows.pipeline.retrain_and_promote
-
-
-class GeneratorModel(mlflow.pyfunc.PythonModel):
-    """Rebuilds the generator from its two model files (artifacts `tokenizer` and `prior`)."""
-
-    def load_context(self, context: Any) -> None:
-        from genpipe.artifacts.generator import load_generator
-        from genpipe.runtime import deterministic_kernels
-
-        deterministic_kernels()
-        self.generator = load_generator(
-            Path(context.artifacts["tokenizer"]), Path(context.artifacts["prior"])
-        )
-        prior = self.generator.prior
-        self.num_classes = int(prior.num_classes)  # type: ignore[arg-type]
-
-    def predict(
-        self, context: Any, model_input: pd.DataFrame, params: dict | None = None
-    ) -> np.ndarray:
-        frame = pd.DataFrame(model_input)
-        if "label" not in frame.columns:
-            raise ValueError(
-                f"input needs an int column 'label'; got columns {list(frame.columns)}"
-            )
-        labels = frame["label"].astype("int64").to_numpy()
-        if len(labels) == 0:
-            raise ValueError("input has no rows; send at least one {'label': int}")
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise ValueError(
-                f"labels must be in 0..{self.num_classes - 1}; got {sorted(set(labels))}"
-            )
-        seeds = (
-            frame["seed"].astype("int64").to_numpy()
-            if "seed" in frame.columns
-            else np.zeros_like(labels)
-        )
-        images = [
-            self.generator(torch.tensor([int(label)]), torch.Generator().manual_seed(int(seed)))
-            for label, seed in zip(labels, seeds)
-        ]
-        return torch.cat(images).clamp(0, 1).numpy().astype(np.float32)
 
 
 GUARD = "class_consistency"
@@ -141,23 +94,20 @@ def decide(
     return Decision(better and guard_ok, reason, candidate, champion)
 
 
-def log_generator(tokenizer: Path, prior: Path, num_classes: int) -> str:
-    """Log the pyfunc generator in the active run and register it, tagged `state=pending`
-    until the alias step marks it; returns the new version."""
+def log_generator(tokenizer: Path, prior: Path, image_shape: tuple[int, ...]) -> str:
+    """Log the generator in the active run as a models-from-code pyfunc (genpipe/serving.py,
+    nothing pickled) and register it, tagged `state=pending` until the alias step marks it;
+    returns the new version. `image_shape`: (C, H, W) of one generated image."""
     import genpipe
+    from genpipe import serving
 
-    example = pd.DataFrame(
-        {
-            "label": np.arange(min(2, num_classes), dtype=np.int64),
-            "seed": [0, 1][: min(2, num_classes)],
-        }
-    )
     info = mlflow.pyfunc.log_model(
         name="generator",
-        python_model=GeneratorModel(),
+        python_model=serving.__file__,
         artifacts={"tokenizer": str(tokenizer), "prior": str(prior)},
         code_paths=[str(Path(genpipe.__file__).parent)],
-        input_example=example,
+        signature=serving.signature(image_shape),
+        input_example=pd.DataFrame({"label": [0], "seed": [0]}),  # the request serving shows
         pip_requirements=store.model_requirements(),
         registered_model_name=MODEL_NAME,
     )

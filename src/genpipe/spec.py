@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from genpipe import distributed, lineage, locks
+from genpipe import curves, distributed, lineage, locks
 from genpipe.checkpoint import Checkpoint
 from genpipe.config import Params, ParamsError
 from genpipe.outputs import staged
@@ -92,14 +92,16 @@ class StageSpec:
         self, params: Params, root: Path, deps: tuple[Path, ...] | None = None
     ) -> Iterator[tuple[tracking.StageRun, list[Path]]]:
         """The stage's MLflow run and temporary paths for `written`, renamed into place only
-        if the body succeeds. Holds the stage's lock: a second run of this stage in this
-        checkout is refused (locks.Busy), naming the running one's pid."""
+        if the body succeeds; curves trained in the body reach the run as they are made.
+        Holds the stage's lock: a second run of this stage in this checkout is refused
+        (locks.Busy), naming the running one's pid."""
         used = list(self.deps if deps is None else deps)
         written = list(self.written)
         with (
             locks.exclusive(root / LOCKS / f"{self.name}.lock", f"stage {self.name}"),
             tracking.stage_run(self.name, params, self.params, used, root, outs=written) as run,
             staged(*(root / p for p in written)) as paths,
+            curves.to(run.log_row),
         ):
             yield run, paths
 

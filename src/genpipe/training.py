@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from genpipe import curves
 from genpipe.checkpoint import Checkpoint
 from genpipe.distributed import SINGLE, World
 from genpipe.runtime import autocast, maybe_compile
@@ -184,6 +185,7 @@ def fit(
             values = {k: v.item() if torch.is_tensor(v) else float(v) for k, v in logs.items()}
             row = {"step": step, **world.mean({"loss": loss.item(), **values})}
             history.append({**row, "lr": sched.get_last_lr()[0]} if log_lr else row)
+            curves.emit(history[-1])
         checkpoint.maybe_save(
             step,
             cfg.steps,

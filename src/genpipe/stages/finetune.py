@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from genpipe import artifacts, evaluation, rl, viz
+from genpipe import artifacts, curves, evaluation, rl, viz
 from genpipe.artifacts.generator import load_generator
 from genpipe.artifacts.judges import load_judge
 from genpipe.checkpoint import Checkpoint
@@ -190,9 +190,11 @@ def train(
             }
         if stopped or step == cfg.steps:
             history.append(row)
+            curves.emit(row)
             break
         row.update(update(policy, opt, roll, advantages(total, cfg), cfg, world))
         history.append(row)
+        curves.emit(row)
         if checkpoint is not None:
             state = {"net": net.state_dict(), "opt": opt.state_dict(), "history": history}
             checkpoint.maybe_save(step, cfg.steps, {**state, "best": best}, [generator])

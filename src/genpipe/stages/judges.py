@@ -6,14 +6,16 @@ seed) only scores samples, so a generator that games the reward judge shows up i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from genpipe import artifacts, viz
+from genpipe import artifacts, curves, viz
 from genpipe.artifacts.judges import judge_arch
 from genpipe.checkpoint import Checkpoint
 from genpipe.config import Judge, Params
@@ -72,19 +74,30 @@ def train_judge(
 
 
 def train_all(
-    params: Params, x: torch.Tensor, y: torch.Tensor, ctx: StageContext
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ctx: StageContext,
+    log_row: Callable[..., None] | None = None,
 ) -> Iterator[tuple[str, Judge, dict[str, Any], Classifier, History]]:
     """Train each judge in turn (role, params, arch, model on CPU, curve); the checkpoint
-    of each is saved by rank 0 only."""
+    of each is saved by rank 0 only, which also streams the curves to `log_row` (prefixed
+    `<role>/`)."""
     num_classes = int(y.max()) + 1
     for role in artifacts.JUDGE_ROLES:
         cfg: Judge = getattr(params.judges, role)
         arch = judge_arch(cfg, params, num_classes)
         every = cfg.optim.checkpoint_every if ctx.world.is_main else 0
         checkpoint = ctx.checkpoint.part(role, every)
-        model, history = train_judge(
-            cfg, arch, x, y, ctx.device, checkpoint, world=ctx.world, compile=ctx.compile
+        sink = (
+            curves.to(functools.partial(log_row, prefix=f"{role}/"))
+            if log_row
+            else contextlib.nullcontext()
         )
+        with sink:
+            model, history = train_judge(
+                cfg, arch, x, y, ctx.device, checkpoint, world=ctx.world, compile=ctx.compile
+            )
         yield role, cfg, arch, model.cpu(), history
 
 
@@ -98,7 +111,9 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         return {}
     with SPEC.record(params, root) as (run, (out, metrics_path, plots)):
         metrics: dict[str, Any] = {}
-        for role, cfg, arch, model, history in train_all(params, train_x, train_y, ctx):
+        for role, cfg, arch, model, history in train_all(
+            params, train_x, train_y, ctx, run.log_row
+        ):
             predicted = predictions(model, test_x)
             acc = float((predicted == test_y).double().mean())
             metrics[role] = {

@@ -148,7 +148,7 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     for key in (cfg.primary_metric, registry.GUARD):
         registry.interval(candidate, key)  # an old evaluation without intervals stops here
     place = workspace(root)
-    num_classes = int(load_split("train", root / artifacts.PREPARED)[1].max()) + 1
+    image_shape = tuple(load_split("test", root / artifacts.PREPARED)[0].shape[1:])
     created: list[str] = []
     try:
         with registry.promotion_lock():
@@ -156,7 +156,7 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
                 version = registry.log_generator(
                     root / artifacts.TOKENIZER_FILE,
                     root / prior_dir / artifacts.PRIOR_FILE,
-                    num_classes,
+                    image_shape,
                 )
                 created.append(version)
                 found, champion, decision = _settle(candidate, params, root)

@@ -33,6 +33,13 @@ def model_requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in MODEL_PACKAGES]
 
 
+def system_metrics() -> bool:
+    """Whether stage runs record CPU, memory, disk and network (and GPU, with pynvml) every
+    `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` seconds (default 10): on unless
+    `MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING` says false."""
+    return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() in ("1", "true")
+
+
 def project_root(start: Path | None = None) -> Path:
     """The main project folder, also from inside a `dvc exp run --temp` copy."""
     here = (start or Path.cwd()).resolve()
@@ -50,6 +57,21 @@ def redact(text: str) -> str:
     """`http://user:pass@host` -> `http://***@host`, anywhere in `text`: URIs are shown in
     logs, errors and Prefect artifacts, credentials never."""
     return _CREDENTIALS.sub(r"\1***@", text)
+
+
+def redact_exception(exc: BaseException) -> BaseException:
+    """`exc`, and every exception it chains, with credentials removed from their messages in
+    place (types kept: retries classify by type), so an orchestrator that logs or stores the
+    error (Prefect's task and flow failure logs, its run states) shows the redacted URI."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.args = tuple(redact(a) if isinstance(a, str) else a for a in current.args)
+        if isinstance(message := getattr(current, "message", None), str):
+            current.message = redact(message)  # type: ignore[attr-defined] # MlflowException's copy
+        current = current.__cause__ or current.__context__
+    return exc
 
 
 def redact_tracebacks() -> None:
@@ -86,7 +108,7 @@ def check_reachable(uri: str | None = None, timeout: float = REACH_TIMEOUT_S) ->
         ) from None
 
 
-def _init_lock(uri: str) -> Path:
+def init_lock(uri: str) -> Path:
     """Beside a SQLite store (two stages creating it at once raced on its tables), else in
     the project's own untracked folder."""
     if uri.startswith("sqlite:///"):
@@ -98,12 +120,16 @@ def mlflow() -> Any:
     """The MLflow module configured for this project (imported lazily: it costs ~2 s).
     Creating the store and the experiment is serialised by a file lock."""
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # notes a user cannot act on: system metrics start/stop, checks of a model's example
+    for name in ("mlflow.system_metrics", "mlflow.pyfunc", "mlflow.models"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars of local copies
     import mlflow as mlflow_module
 
     uri = tracking_uri()
     check_reachable(uri)
     mlflow_module.set_tracking_uri(uri)
-    with locks.waiting(_init_lock(uri)):
+    with locks.waiting(init_lock(uri)):
         if mlflow_module.get_experiment_by_name(EXPERIMENT) is None:
             artifacts = None
             if uri.startswith("sqlite:"):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -13,9 +15,11 @@ import numpy as np
 
 from genpipe import lineage
 from genpipe.config import Params
-from genpipe.tracking import store
+from genpipe.tracking import parent, store
 
 STALE_TAG = "genpipe.stale"
+FLOW_RUN_ENV = "GENPIPE_FLOW_RUN_ID"  # the Prefect flow run of this stage (flows/stage.py)
+log = logging.getLogger(__name__)
 
 
 class StageRun:
@@ -25,6 +29,7 @@ class StageRun:
         self.mlflow = mlflow
         self.run_id = run_id
         self.stage = stage
+        self._streamed: set[tuple[str, int]] = set()  # (prefix, step) sent by log_row
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         clean = {
@@ -32,14 +37,28 @@ class StageRun:
         }
         self.mlflow.log_metrics(clean, step=step)
 
+    def log_row(self, row: dict[str, float], prefix: str = "train/") -> None:
+        """One row of a curve ({"step": s, name: value, ...}) while training runs, stamped
+        now. Queued (MLflow's async logging), so training never waits on the store; the
+        queue is flushed when the run ends. Non-finite values (a batch without an update)
+        are left out, as in `log_history`."""
+        step = int(row["step"])
+        values = {
+            f"{prefix}{k}": float(v) for k, v in row.items() if k != "step" and math.isfinite(v)
+        }
+        self.mlflow.log_metrics(values, step=step, synchronous=False)
+        self._streamed.add((prefix, step))
+
     def log_history(self, rows: list[dict[str, float]], prefix: str = "train/") -> None:
-        """Curves in one batched write: rows of {"step": s, name: value, ...}."""
+        """The rows of a curve `log_row` did not send (those a resumed run trained before it
+        was interrupted), in one batched write."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = [
             Metric(f"{prefix}{k}", float(v), now, int(row["step"]))
             for row in rows
+            if (prefix, int(row["step"])) not in self._streamed
             for k, v in row.items()
             if k != "step"
         ]
@@ -68,19 +87,31 @@ class StageRun:
 
     def log_torch_model(self, model: Any, name: str, input_example: np.ndarray) -> str:
         """Log a torch module as an MLflow model (a record of the stage's weights, loadable
-        with mlflow.pytorch.load_model); returns its model URI. The input is described by a
-        signature rather than an example: MLflow's example check round-trips it through JSON
-        as float64, which a float32 module rejects. The servable model is the registered
-        generator (registry.py)."""
+        with mlflow.pytorch.load_model); returns its model URI. Saved as a torch.export
+        program ("pt2": a graph and tensors, no pickled code); a module torch.export cannot
+        trace falls back to MLflow's pickle format, with a warning naming why. The servable
+        model is the registered generator (serving.py)."""
         from mlflow.models import infer_signature
 
-        info = self.mlflow.pytorch.log_model(
-            model,
-            name=name,
-            signature=infer_signature(input_example),
-            serialization_format="pickle",
-            pip_requirements=store.model_requirements(),
-        )
+        common = {
+            "name": name,
+            "signature": infer_signature(input_example),  # batch dimension free
+            "pip_requirements": store.model_requirements(),
+        }
+        try:
+            info = self.mlflow.pytorch.log_model(
+                model,
+                input_example=input_example,  # what torch.export traces
+                serialization_format="pt2",
+                validate_serving_input=False,  # a record, not served: a tuple output is fine
+                **common,
+            )
+        except Exception as exc:  # noqa: BLE001 - torch.export refuses in many types
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            log.warning(
+                "model %s: torch.export cannot trace it (%s); logged as a pickle", name, reason
+            )
+            info = self.mlflow.pytorch.log_model(model, serialization_format="pickle", **common)
         return str(info.model_uri)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
@@ -148,7 +179,8 @@ def stage_run(
     tag `out.<path>` and a sidecar (genpipe.lineage), and the md5 of every file of `outs` is
     logged as `lineage/outputs.json`: what an audit re-run must reproduce byte for byte.
     The run ends FAILED if the body raises; runs of this stage left RUNNING by a killed
-    process are marked KILLED first (`close_stale`).
+    process are marked KILLED first (`close_stale`). It records system metrics, and nests
+    under its pipeline's parent run when it is one stage of a pipeline run (tracking.parent).
     """
     root = (root or Path.cwd()).resolve()
     mlflow = store.mlflow()
@@ -184,21 +216,44 @@ def stage_run(
         **{f"upstream.{k}": v for k, v in upstream.items()},
         **{f"version.{k}": v for k, v in meta["versions"].items()},
     }
+    if flow_run := os.environ.get(FLOW_RUN_ENV):
+        tags["prefect.flow_run_id"] = flow_run
+    group = parent.current()
+    parent_id = None
+    if group is not None:
+        tags.update({**group.tags, parent.KEY_TAG: group.key})
+        shared = {"genpipe.root": str(root), "git.commit": git["commit"]}
+        parent_id = parent.open_run(mlflow, group, shared)
     start = time.perf_counter()
-    with mlflow.start_run(run_name=stage, tags={k: str(v) for k, v in tags.items()}) as run:
-        meta["run_id"] = run.info.run_id
-        mlflow.log_params(store.flatten(params.pick("base", *keys)))
-        handle = StageRun(mlflow, run.info.run_id, stage)
-        yield handle
-        mlflow.log_metric("wall_seconds", time.perf_counter() - start)
-        written = [o for o in outs or [] if (root / o).exists()]
-        meta["outs"] = {o.as_posix(): lineage.dvc_md5(root / o) for o in written}
-        mlflow.set_tags({f"out.{k}": v for k, v in meta["outs"].items()})
-        mlflow.log_dict(lineage.output_digests(root, outs or []), "lineage/outputs.json")
-        mlflow.log_dict(meta, "lineage/meta.json")
-        for o in written:
-            record = {"stage": stage, "run_id": handle.run_id, "md5": meta["outs"][o.as_posix()]}
-            lineage.write_sidecar(root, o, record)
+    try:
+        with mlflow.start_run(
+            run_name=stage,
+            tags={k: str(v) for k, v in tags.items()},
+            parent_run_id=parent_id,
+            log_system_metrics=store.system_metrics(),
+        ) as run:
+            meta["run_id"] = run.info.run_id
+            mlflow.log_params(store.flatten(params.pick("base", *keys)))
+            handle = StageRun(mlflow, run.info.run_id, stage)
+            yield handle
+            mlflow.log_metric("wall_seconds", time.perf_counter() - start)
+            written = [o for o in outs or [] if (root / o).exists()]
+            meta["outs"] = {o.as_posix(): lineage.dvc_md5(root / o) for o in written}
+            mlflow.set_tags({f"out.{k}": v for k, v in meta["outs"].items()})
+            mlflow.log_dict(lineage.output_digests(root, outs or []), "lineage/outputs.json")
+            mlflow.log_dict(meta, "lineage/meta.json")
+            for o in written:
+                md5 = meta["outs"][o.as_posix()]
+                lineage.write_sidecar(
+                    root, o, {"stage": stage, "run_id": handle.run_id, "md5": md5}
+                )
+    except BaseException:
+        if parent_id is not None:
+            with contextlib.suppress(Exception):  # the stage's own error is the one to show
+                parent.close_run(mlflow, parent_id, "FAILED")
+        raise
+    if parent_id is not None:
+        parent.close_run(mlflow, parent_id, "FINISHED")
 
 
 def log_report(stage: str, files: list[Path], tags: dict[str, Any]) -> str:
