@@ -85,7 +85,7 @@ def test_every_kind_exposes_one_hidden_state_per_grid_cell(name):
     assert not net.blocks[1]._forward_hooks  # the hook leaves with the context
 
 
-def test_alignment_training_lowers_the_cosine_distance():
+def test_alignment_training_lowers_the_cosine_distance(one_thread):
     """A toy: the head and the first block learn to point each cell's hidden state at a fixed
     per-cell target feature."""
     net = _nets()["ar"]
