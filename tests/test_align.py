@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -192,6 +193,16 @@ def _inputs(root: Path, params, n: int = 48) -> None:
     )
 
 
+def _dep_tags(root: Path) -> set[str]:
+    """The inputs the latest prior run in `root` recorded (its lineage `dep.` tags)."""
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiments, f"tags.`genpipe.root` = '{root}'", order_by=["attributes.start_time DESC"]
+    )
+    return {k for k in runs[0].data.tags if k.startswith("dep.")}
+
+
 def _params(kind: str, weight: float):
     over = {"prepare": {"image_size": 4}, "prior": {"kind": kind, "align_weight": weight}}
     return parse_params({**PARAMS, **over, "prior": {**PARAMS["prior"], **over["prior"]}})
@@ -246,6 +257,7 @@ def test_the_stage_aligns_and_serves_the_prior_without_its_head(tmp_path, mlflow
     gen = load_generator(tmp_path / "models/tokenizer/model.pt", tmp_path / "models/prior/prior.pt")
     assert isinstance(gen.prior, ARPrior)
     assert not any("head.mlp" in k for k in gen.prior.state_dict())
+    assert {"dep.models/pretrain", "dep.data/prepared"} <= _dep_tags(tmp_path)
 
 
 def test_weight_zero_needs_no_ssl_encoder_and_a_wrong_order_is_refused(
@@ -254,6 +266,7 @@ def test_weight_zero_needs_no_ssl_encoder_and_a_wrong_order_is_refused(
     _inputs(tmp_path, _params("ar", 0.0))
     (tmp_path / "models/pretrain/encoder.pt").unlink()
     prior.run(prior.SPEC.view(_params("ar", 0.0)), tmp_path)  # off: pretrain is not read
+    assert not {"dep.models/pretrain", "dep.data/prepared"} & _dep_tags(tmp_path)
     labels = tmp_path / "data/prepared/train/labels.npy"
     np.save(labels, np.roll(np.load(labels), 1))
     with pytest.raises(DataError, match="does not match data/prepared/train image by image"):
