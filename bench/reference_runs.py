@@ -5,7 +5,8 @@ its data (`genpipe data ensure` for digits, `genpipe data fetch mnist --path ...
 for MNIST), then run every stage with `dvc repro --single-item` against one Prefect server,
 timing each stage and reading its peak RSS (the largest process under it). The figures, the
 sample and reconstruction grids and the machine go to docs/results/<preset>/, and
-docs/results.md is rendered from every preset's results.json found there.
+docs/results.md is rendered from every preset's results.json found there, followed by the
+findings of other benchmarks in docs/findings/*.md.
 
     .venv/bin/python bench/reference_runs.py --preset digits
     .venv/bin/python bench/reference_runs.py --preset mnist --mnist ../shared/datasets/mnist
@@ -214,7 +215,10 @@ def render() -> None:
         "Intervals are 95% bootstrap intervals over the generated samples (see\n"
         "`src/genpipe/evaluation_intervals.py`).\n\n"
     )
-    (DOCS / "results.md").write_text(head + "\n".join(section(r) for r in results))
+    # findings of other benchmarks (docs/findings/*.md), kept across re-renders
+    findings = [p.read_text() for p in sorted((DOCS / "findings").glob("*.md"))]
+    body = "\n".join(section(r) for r in results)
+    (DOCS / "results.md").write_text(head + "\n".join([body, *findings]))
 
 
 def main() -> None:

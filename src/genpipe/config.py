@@ -194,6 +194,13 @@ class Prior(Section):
         4.5, ge=0, description="Gumbel noise on which cells to fix first, annealed (maskgit)"
     )
     samples_per_class: int = Field(50, ge=1, description="for the consistency metric")
+    align_weight: float = Field(
+        0.0,
+        ge=0,
+        description="REPA: weight of the cosine loss aligning a block's hidden states with the "
+        "frozen SSL encoder's features at the same grid cell; 0 = off",
+    )
+    align_depth: int = Field(1, ge=1, description="REPA: the block (1 = first) that is aligned")
     optim: Optim = Optim()
 
     @field_validator("kind")
@@ -216,6 +223,10 @@ class Prior(Section):
         if self.eta > 0 and self.sampler != "ddim":
             raise ValueError(
                 f"eta: only the ddim sampler takes eta > 0 (sampler is {self.sampler})"
+            )
+        if self.align_depth > self.depth:
+            raise ValueError(
+                f"align_depth: must be at most depth ({self.depth}), got {self.align_depth}"
             )
         return self
 
