@@ -57,7 +57,8 @@ def arrivals():
         logger.removeHandler(handler)
 
 
-def test_stage_output_is_logged_line_by_line_as_it_is_printed(arrivals):
+def test_stage_output_is_logged_line_by_line_as_it_is_printed(arrivals, monkeypatch):
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # the stage's prints are buffered
     code, lines = pipeline.stream([sys.executable, "-c", FAKE_STAGE])
     ended = time.monotonic()
     assert code == 0
