@@ -142,6 +142,8 @@ def clone(source: Path, tmp: Path) -> tuple[Path, dict[str, str]]:
         "PREFECT_HOME": str(tmp / "prefect"),
     }
     env.pop("PREFECT_API_URL", None)
+    # a commit whose stages start temporary servers: give them time on a loaded machine
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     subprocess.run(
         [sys.executable, "-m", "genpipe.cli", "data", "ensure"],
         cwd=root,
@@ -171,8 +173,9 @@ def main() -> None:
             for name in names[i % 3 :] + names[: i % 3]:
                 reset(root)
                 runs[name].append(VARIANTS[name](root, env))
-                wall, cpu, _ = runs[name][-1]
-                print(f"round {i + 1}: {name} {wall:.1f} s, {cpu:.1f} CPU s", file=sys.stderr)
+                wall, cpu, stages = runs[name][-1]
+                shown = " ".join(f"{k}={v:.1f}" for k, v in stages.items())
+                print(f"round {i + 1}: {name} {wall:.1f} s, {cpu:.1f} CPU s; {shown}", flush=True)
     report(runs)
 
 

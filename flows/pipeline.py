@@ -263,7 +263,12 @@ def main(argv: list[str] | None = None) -> None:
     flow = pipeline_flow if which == "pipeline" else retrain_and_promote_flow
     # prefect is imported (and its settings read) already: point this process at the server
     with local_server() as api_url, temporary_settings({PREFECT_API_URL: api_url}):
-        result = flow()
+        try:
+            result = flow()
+        finally:
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=5)  # the run's last log lines, before the server goes
     rows = result if isinstance(result, list) else result["stages"]
     for r in rows:
         print(f"{r['stage']:<12} {r['outcome']:<24} {r['seconds']:>7.1f} s")
