@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -179,5 +180,10 @@ def serve_shared(state: Path, idle_s: float, timeout: float = 90.0) -> None:
         _stop(proc)
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds serve_shared, which stops its server
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     serve_shared(Path(sys.argv[1]), float(sys.argv[2]))
