@@ -3,7 +3,8 @@ nightly retrain-and-promote) and `deploy` (serving that schedule)."""
 
 import os
 
-# Quiet, local-only defaults; any of them can be overridden from the environment.
+# Local-only defaults; any of them can be overridden from the environment. Run logs stay at
+# INFO: the pipeline logs each stage's output lines there, for the terminal and the UI.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")

@@ -11,12 +11,13 @@ This is the flow the nightly deployment schedules (flows/deploy.py, prefect.yaml
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import json
+import logging
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from graphlib import TopologicalSorter
@@ -25,12 +26,14 @@ from typing import Any
 
 import yaml
 
-from flows.stage import is_transient, retry_transient
+from flows.stage import PIPELINE_TASK_ENV, is_transient, retry_transient
 from genpipe import lineage
+from genpipe.cli import HelpFormatter
 from genpipe.prefect_server import local_server
 from genpipe.tracking import parent
 from genpipe.tracking.store import redact
 
+LOG = logging.getLogger("genpipe.pipeline")
 DECISION = Path("reports/register/decision.json")
 PROMOTION_FLOW_ENV = (
     "GENPIPE_PROMOTION_FLOW"  # genpipe.registry reads it; importing that costs ~2 s
@@ -94,12 +97,45 @@ def stage_order(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
     return list(TopologicalSorter(graph).static_order())
 
 
+def _line_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The Prefect run's logger inside a flow or task (the UI shows its lines), else ours."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return LOG
+
+
+def stream(cmd: list[str], env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    """Run `cmd`, logging each line of its output (stdout and stderr) at INFO as it arrives.
+
+    Children write unbuffered, so a stage's prints arrive when printed, not at its end; a
+    carriage return ends a line too, so a progress bar's redraws arrive as lines. Returns
+    the exit code and the non-blank lines."""
+    log = _line_logger()
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
+    )  # text mode reads \r, \n and \r\n as line ends
+    assert proc.stdout is not None
+    lines = []
+    with proc.stdout:
+        for raw in proc.stdout:
+            if line := raw.rstrip():
+                lines.append(line)
+                log.info(line)
+    return proc.wait(), lines
+
+
 def run_dvc(*args: str) -> str:
-    proc = subprocess.run(["dvc", *args], capture_output=True, text=True)
-    sys.stderr.write(proc.stderr)
-    if proc.returncode != 0:
-        raise StageFailed(" ".join(args), (proc.stdout + proc.stderr)[-4000:])
-    return proc.stdout
+    """`dvc ARGS`, streamed; its stages run as this task (PIPELINE_TASK_ENV), not as flows."""
+    code, lines = stream(["dvc", *args], {**os.environ, PIPELINE_TASK_ENV: " ".join(args)})
+    out = "\n".join(lines)
+    if code != 0:
+        raise StageFailed(" ".join(args), out[-4000:])
+    return out
 
 
 def repro_stage(name: str) -> dict[str, Any]:
@@ -231,14 +267,37 @@ def build_flows() -> tuple[Any, Any]:
 pipeline_flow, retrain_and_promote_flow = build_flows()
 
 
-def main() -> None:
-    which = sys.argv[1] if len(sys.argv) > 1 else "pipeline"
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m flows.pipeline",
+        description="Run the DVC DAG as one Prefect flow, one task per stage (`make repro`), "
+        "on PREFECT_API_URL or a local server started for the run.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument(
+        "flow",
+        nargs="?",
+        default="pipeline",
+        choices=["pipeline", "retrain_and_promote"],
+        help="pipeline: every stale stage; retrain_and_promote: the nightly flow (checks "
+        "data/raw, runs the pipeline, may move `champion`, leaves a summary artifact)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    which = parser().parse_args(argv).flow
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     flow = pipeline_flow if which == "pipeline" else retrain_and_promote_flow
     # prefect is imported (and its settings read) already: point this process at the server
     with local_server() as api_url, temporary_settings({PREFECT_API_URL: api_url}):
-        result = flow()
+        try:
+            result = flow()
+        finally:
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=5)  # the run's last log lines, before the server goes
     rows = result if isinstance(result, list) else result["stages"]
     for r in rows:
         print(f"{r['stage']:<12} {r['outcome']:<24} {r['seconds']:>7.1f} s")

@@ -5,23 +5,27 @@ before Prefect starts, so a bad params.yaml or an unreachable server fails in se
 the key (or redacted URI) named, not after the orchestrator spins up.
 Transient failures (a tracking server or remote that is briefly unreachable) are retried
 with backoff; bad input is not. `retry_transient` is the one retry rule of every flow.
+
+Where it runs decides how much Prefect it needs: under the `pipeline` flow (which sets
+PIPELINE_TASK_ENV) the stage is already a Prefect task there, which retries it and shows
+its output, so the stage runs without a second flow (and without importing Prefect); with
+PREFECT_API_URL set it is a flow on that server; under a plain `dvc repro` it is a flow on
+the shared local server (genpipe.prefect_server.shared_server), not a temporary one each.
 Under `torchrun` rank 0 runs the flow and the other ranks run the stage alongside it,
-without a flow (or a temporary Prefect server) of their own.
+without a flow (or a Prefect server) of their own.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Any
 
-from genpipe.config import ParamsError, load_params
-from genpipe.data.raw import DataError
-from genpipe.locks import Busy
-from genpipe.runtime import stop_on_sigterm
+from genpipe.cli import REFUSALS, HelpFormatter
+from genpipe.config import load_params
 from genpipe.stages import STAGES, load, run_stage
 from genpipe.tracking.store import (
-    TrackingUnreachable,
     check_reachable,
     redact,
     redact_exception,
@@ -29,6 +33,8 @@ from genpipe.tracking.store import (
 )
 from genpipe.tracking.write import FLOW_RUN_ENV
 
+# Set by flows.pipeline for the `dvc repro` of one of its tasks: that task is the orchestration.
+PIPELINE_TASK_ENV = "GENPIPE_PIPELINE_TASK"
 TRANSIENT = (ConnectionError, TimeoutError)
 
 
@@ -77,23 +83,52 @@ def stage_flow(name: str) -> Any:
     return stage
 
 
+def parser() -> argparse.ArgumentParser:
+    """`--help` answers without importing torch, MLflow or Prefect."""
+    p = argparse.ArgumentParser(
+        prog="python -m flows.stage",
+        description="Run one pipeline stage as a Prefect flow (what each dvc.yaml cmd runs). "
+        f"Stages, in pipeline order: {', '.join(STAGES)}.",
+        epilog="`genpipe stage NAME` runs a stage in-process without Prefect.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("name", choices=STAGES, metavar="STAGE", help="the stage to run")
+    p.add_argument("params", nargs="?", default="params.yaml", help="the params file")
+    return p
+
+
+def run_flow(name: str, params_path: str) -> None:
+    """The stage as a flow on the configured server, else on the shared local one."""
+    from genpipe.prefect_server import shared_server
+
+    if os.environ.get("PREFECT_API_URL"):
+        stage_flow(name)(params_path)
+        return
+    with shared_server() as api_url:
+        os.environ["PREFECT_API_URL"] = api_url  # before Prefect reads its settings
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            stage_flow(name)(params_path)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Validate, then run the stage's flow."""
+    """Validate, then run the stage (as a flow unless a pipeline task already is one)."""
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from genpipe.runtime import stop_on_sigterm  # torch: after a `--help` has answered
+
     stop_on_sigterm()
     redact_tracebacks()
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] not in STAGES:
-        raise SystemExit(f"usage: python -m flows.stage {{{','.join(STAGES)}}} [params.yaml]")
-    name, params_path = args[0], (args[1] if len(args) > 1 else "params.yaml")
     try:
-        params = load_params(params_path)
+        params = load_params(args.params)
         check_reachable()  # before Prefect starts, as the params
-        if int(os.environ.get("RANK", "0")) > 0:  # torchrun's other ranks: no flow of their own
-            run_stage(name, params)
+        torchrun_rank = int(os.environ.get("RANK", "0"))
+        if os.environ.get(PIPELINE_TASK_ENV) or torchrun_rank > 0:
+            run_stage(args.name, params)
         else:
-            stage_flow(name)(params_path)
-    except (ParamsError, DataError, ValueError, Busy, TrackingUnreachable) as exc:
-        print(f"genpipe {name}: error: {redact(str(exc))}", file=sys.stderr)
+            run_flow(args.name, args.params)
+    except REFUSALS as exc:
+        print(f"genpipe {args.name}: error: {redact(str(exc))}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -20,7 +20,7 @@ def test_repo_params_are_valid():
         ({"prepare": {"trian_frac": 0.5}}, "prepare.trian_frac", "unknown key"),
         ({"base": {"seed": "7"}}, "base.seed", "valid integer"),
         ({"prepare": {"image_size": 2}}, "prepare.image_size", "greater than or equal to 4"),
-        ({"base": {"device": "tpu"}}, "base.device", "'auto', 'cpu' or 'cuda'"),
+        ({"base": {"device": "tpu"}}, "base.device", "'auto', 'cpu', 'cuda' or 'mps'"),
         (
             {"prepare": {"train_frac": 0.9, "val_frac": 0.1}},
             "prepare.val_frac",

@@ -179,38 +179,60 @@ def version() -> str:
         return "unknown (not installed: `pip install -e .`)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genpipe", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"genpipe {version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each option's default, where it has one (not None, not a flag's False)."""
 
-    data = sub.add_parser("data", help="dataset commands").add_subparsers(
-        dest="data_cmd", required=True
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return str(super()._get_help_string(action))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every option has help, and `--help` shows its default (a test checks both)."""
+    fmt = {"formatter_class": HelpFormatter}
+    parser = argparse.ArgumentParser(prog="genpipe", description=__doc__, **fmt)
+    parser.add_argument("--version", action="version", version=f"genpipe {version()}")
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        help="`genpipe COMMAND --help`: its options",
     )
-    fetch = data.add_parser("fetch", help="export a source to data/raw in the canonical format")
-    fetch.add_argument("source", choices=list(SOURCES))
+
+    data = sub.add_parser("data", help="dataset commands", **fmt).add_subparsers(
+        dest="data_cmd", required=True, metavar="COMMAND", help="fetch or ensure"
+    )
+    fetch = data.add_parser(
+        "fetch", help="export a source to data/raw in the canonical format", **fmt
+    )
+    fetch.add_argument("source", choices=list(SOURCES), help="where the images come from")
     fetch.add_argument(
         "--path", help="MNIST idx files, torchvision root (local copy / download) or image folder"
     )
-    fetch.add_argument("--out", default="data/raw", help="where to write (default: %(default)s)")
+    fetch.add_argument("--out", default="data/raw", help="folder to write")
     fetch.add_argument(
         "--per-class",
         type=int,
         metavar="N",
-        help="keep only the first N images of each class in each split (smoke runs; default: all)",
+        help="keep only the first N images of each class in each split (smoke runs)",
     )
     fetch.set_defaults(func=cmd_data_fetch)
 
-    ensure = data.add_parser("ensure", help="make data/raw match data.dvc (pull or export)")
-    ensure.add_argument("--params", default="params.yaml")
+    ensure = data.add_parser(
+        "ensure", help="make data/raw match data.dvc (keep, dvc pull, or export digits)", **fmt
+    )
+    ensure.add_argument("--params", default="params.yaml", help="params file (base.source)")
     ensure.set_defaults(func=cmd_data_ensure)
 
     preset = sub.add_parser(
-        "preset", help="switch params.yaml to a preset (presets/<name>.yaml, or auto)"
+        "preset", help="switch params.yaml to a preset (presets/<name>.yaml, or auto)", **fmt
     )
     preset.add_argument("name", nargs="?", help="a preset name, or auto; none: show the current")
     preset.add_argument("--image-size", type=int, help="auto: pixels per side")
-    preset.add_argument("--channels", type=int, default=1, choices=[1, 3], help="auto")
+    preset.add_argument(
+        "--channels", type=int, default=1, choices=[1, 3], help="auto: image channels"
+    )
     preset.add_argument(
         "--source",
         default="folder",
@@ -218,23 +240,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: base.source",
     )
     preset.add_argument("--check", action="store_true", help="validate every preset first")
-    preset.add_argument("--params", default="params.yaml")
+    preset.add_argument("--params", default="params.yaml", help="params file to write or show")
     preset.set_defaults(func=cmd_preset)
 
-    stage = sub.add_parser("stage", help="run one stage without Prefect")
-    stage.add_argument("name", choices=STAGES)
-    stage.add_argument("--params", default="params.yaml")
+    stage = sub.add_parser("stage", help="run one stage in-process, without Prefect", **fmt)
+    stage.add_argument("name", choices=STAGES, help="the stage to run")
+    stage.add_argument("--params", default="params.yaml", help="params file")
     stage.set_defaults(func=cmd_stage)
-    dvc_yaml = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage specs")
+    dvc_yaml = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage specs", **fmt)
     dvc_yaml.add_argument("--check", action="store_true", help="exit 1 if it is out of date")
-    dvc_yaml.add_argument("--path", default="dvc.yaml")
+    dvc_yaml.add_argument("--path", default="dvc.yaml", help="file to write or check")
     dvc_yaml.set_defaults(func=cmd_dvc_yaml)
 
-    aud = sub.add_parser("audit", help="prove a registered model reproduces from its lineage")
+    aud = sub.add_parser(
+        "audit", help="prove a registered model reproduces from its lineage", **fmt
+    )
     aud.add_argument(
         "--model", default="genpipe-generator@champion", help="NAME@ALIAS or NAME/VERSION"
     )
-    aud.add_argument("--out", default="reports/audit")
+    aud.add_argument("--out", default="reports/audit", help="folder for the .md/.json report")
     aud.add_argument("--target", default="evaluate", help="last DVC stage to re-run")
     aud.add_argument("--no-rerun", action="store_true", help="check lineage only, no re-run")
     aud.set_defaults(func=cmd_audit)

@@ -49,7 +49,9 @@ class Base(Section):
         description="the presets/<name>.yaml (or auto) this file started from: genpipe preset",
     )
     seed: int = Field(0, ge=0, description="seed for every random draw of every stage")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto: CUDA when present, else CPU; mps (Apple) only when named"
+    )
     compile: bool = Field(
         False, description="torch.compile the model every training loop trains (CUDA only)"
     )

@@ -54,13 +54,21 @@ def cpu_threads(device: torch.device, n: int = 1) -> Iterator[None]:
 
 
 def pick_device(requested: str) -> torch.device:
-    """`auto` takes CUDA when present; `cuda` without a GPU is an error, not a silent fallback."""
+    """`auto` takes CUDA when present, else the CPU (Apple's `mps` only when asked for: its
+    kernels are not deterministic and some ops fall back to the CPU); a device that is asked
+    for and absent is an error naming the key, not a silent fallback."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise ParamsError(
             f"base.device is {requested!r} but no CUDA device is visible: set base.device "
             "to 'auto' or 'cpu' in params.yaml"
+        )
+    if requested == "mps" and not torch.backends.mps.is_available():
+        why = "built without it" if not torch.backends.mps.is_built() else "no MPS device here"
+        raise ParamsError(
+            f"base.device is 'mps' but this torch cannot use Apple's MPS ({why}; it needs "
+            "Apple silicon and macOS 12.3+): set base.device to 'auto' or 'cpu' in params.yaml"
         )
     return torch.device(requested)
 

@@ -86,15 +86,30 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     return perm[k * batch_size : (k + 1) * batch_size]
 
 
+class _Lines:
+    """A progress bar's stream when stderr is no terminal (a log, `make repro`'s pipe): each
+    redraw becomes a line of its own, so readers that go by lines see it as it happens."""
+
+    def write(self, text: str) -> None:
+        for part in text.split("\r"):
+            if part.strip():
+                sys.stderr.write(part.rstrip() + "\n")
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def progress(total: int, desc: str, initial: int = 0) -> tqdm:
-    """A progress bar on stderr; quiet when stderr is not a terminal, except for a few updates."""
+    """A progress bar on stderr; on a terminal redrawn in place, else a line every 10 s."""
+    tty = sys.stderr.isatty()
     return tqdm(
         total=total,
         initial=initial,
         desc=desc,
-        file=sys.stderr,
-        mininterval=0.5 if sys.stderr.isatty() else 10.0,
-        dynamic_ncols=True,
+        file=sys.stderr if tty else _Lines(),
+        mininterval=0.5 if tty else 10.0,
+        dynamic_ncols=tty,
+        ncols=None if tty else 80,
         leave=False,
     )
 

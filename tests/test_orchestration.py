@@ -1,0 +1,218 @@
+"""How stages are orchestrated: output streamed as it happens into the run's log at INFO, one
+Prefect flow per stage and no more, a shared server for plain `dvc repro`, command-line help,
+and device resolution."""
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from flows import pipeline, stage
+from genpipe import cli, prefect_server, runtime, training
+from genpipe.config import ParamsError, parse_params
+from genpipe.stages import STAGES
+from tests.conftest import REPO
+
+# Prints without flushing, a progress bar redrawn with carriage returns, and pauses between.
+FAKE_STAGE = """
+import sys, time
+for i in range(3):
+    print(f"line {i}")
+    time.sleep(0.7)
+sys.stderr.write("\\rbar 1/2")
+sys.stderr.flush()
+time.sleep(0.7)
+sys.stderr.write("\\rbar 2/2\\n")
+"""
+
+
+class Arrivals(logging.Handler):
+    """Each record with the moment it was logged."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.seen: list[tuple[float, logging.LogRecord]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append((time.monotonic(), record))
+
+
+@pytest.fixture
+def arrivals():
+    handler = Arrivals()
+    loggers = [pipeline.LOG, logging.getLogger("prefect.task_runs")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    pipeline.LOG.setLevel(logging.INFO)
+    yield handler
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
+def test_stage_output_is_logged_line_by_line_as_it_is_printed(arrivals, monkeypatch):
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # the stage's prints are buffered
+    code, lines = pipeline.stream([sys.executable, "-c", FAKE_STAGE])
+    ended = time.monotonic()
+    assert code == 0
+    assert lines == ["line 0", "line 1", "line 2", "bar 1/2", "bar 2/2"]
+    got = {r.getMessage(): (t, r.levelno) for t, r in arrivals.seen}
+    assert list(got) == lines and {level for _, level in got.values()} == {logging.INFO}
+    # streamed, not collected at the end: the first line was there ~2.8 s before the last
+    assert got["line 2"][0] - got["line 0"][0] > 1.0
+    assert ended - got["line 0"][0] > 1.5
+
+
+def test_progress_bar_off_a_terminal_writes_whole_lines(capsys):
+    bar = training.progress(100, "tokenizer")
+    bar.update(40)
+    bar.refresh()
+    bar.close()
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err and err.endswith("\n")
+    assert lines[0].startswith("tokenizer:   0%") and lines[-1].startswith("tokenizer:  40%")
+
+
+def test_stage_output_lands_in_the_prefect_run_log_at_info(arrivals, prefect_api):
+    from prefect import flow, task
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    @task
+    def fake_stage() -> int:
+        return pipeline.stream([sys.executable, "-c", "print('hello from the stage')"])[0]
+
+    @flow
+    def fake_pipeline() -> int:
+        return fake_stage()
+
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        assert fake_pipeline() == 0
+    found = [r for _, r in arrivals.seen if r.getMessage() == "hello from the stage"]
+    assert len(found) == 1
+    assert found[0].name == "prefect.task_runs" and found[0].levelno == logging.INFO
+    assert getattr(found[0], "task_run_id", None)  # tied to the task run the UI shows
+
+
+def test_prefect_run_logs_default_to_info():
+    script = (
+        "import flows; from prefect.logging.configuration import setup_logging; "
+        "from prefect.logging import get_logger; setup_logging(); "
+        "print(get_logger('prefect.task_runs').getEffectiveLevel())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_LOGGING_LEVEL"}
+    env["PYTHONPATH"] = f"{REPO / 'src'}{os.pathsep}{REPO}"
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == str(logging.INFO), out.stderr[-2000:]
+
+
+def test_stage_under_a_pipeline_task_runs_without_a_second_flow(tmp_path, monkeypatch):
+    ran, flows = [], []
+    monkeypatch.setattr(stage, "load_params", lambda path: "params")
+    monkeypatch.setattr(stage, "check_reachable", lambda: None)
+    monkeypatch.setattr(stage, "run_stage", lambda name, params: ran.append(name))
+    monkeypatch.setattr(stage, "run_flow", lambda name, path: flows.append(name))
+    monkeypatch.setattr(stage, "redact_tracebacks", lambda: None)
+    monkeypatch.setattr(runtime, "stop_on_sigterm", lambda: None)
+    monkeypatch.setenv(stage.PIPELINE_TASK_ENV, "repro --single-item prepare")
+    stage.main(["prepare"])
+    monkeypatch.delenv(stage.PIPELINE_TASK_ENV)
+    stage.main(["judges"])
+    assert ran == ["prepare"] and flows == ["judges"]
+
+
+def test_pipeline_task_marks_its_dvc_run(monkeypatch):
+    seen = {}
+
+    def fake_stream(cmd, env):
+        seen.update(cmd=cmd, env=env)
+        return 0, ["Stage 'prepare' didn't change, skipping"]
+
+    monkeypatch.setattr(pipeline, "stream", fake_stream)
+    assert pipeline.repro_stage("prepare")["outcome"] == "up to date"
+    assert seen["cmd"] == ["dvc", "repro", "--single-item", "prepare"]
+    assert seen["env"][stage.PIPELINE_TASK_ENV]
+
+
+@pytest.fixture
+def prefect_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    yield tmp_path
+    info = tmp_path / "genpipe-shared" / "server.json"
+    if info.is_file():  # a failed test: stop the supervisor (it stops its server)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(json.loads(info.read_text())["pid"], 15)
+
+
+def test_plain_dvc_repro_stages_share_one_server_that_stops_when_idle(prefect_home):
+    with prefect_server.shared_server(idle_s=1.0) as first:
+        with prefect_server.shared_server(idle_s=1.0) as second:
+            assert first == second and prefect_server._healthy(first)
+        time.sleep(2.0)  # idle_s passed for the inner lease, the outer one still holds it
+        assert prefect_server._healthy(first)
+    deadline = time.monotonic() + 30
+    while prefect_server._healthy(first) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not prefect_server._healthy(first)
+    assert not (prefect_home / "genpipe-shared" / "server.json").exists()
+
+
+def test_flows_stage_help_lists_the_stages_without_starting_anything():
+    script = (
+        "import runpy, sys\n"
+        "sys.argv = ['flows.stage', *sys.argv[1:]]\n"
+        "try:\n"
+        "    runpy.run_module('flows.stage', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    print('exit', e.code, 'prefect' in sys.modules, 'torch' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
+    for args in (["--help"], ["prior", "--help"]):
+        out = subprocess.run(
+            [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True
+        )
+        assert out.stdout.strip().endswith("exit 0 False False"), out.stderr[-2000:]
+        assert "usage: python -m flows.stage" in out.stdout
+        assert all(name in out.stdout for name in STAGES)
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+@pytest.mark.parametrize("build", [cli.build_parser, stage.parser, pipeline.parser])
+def test_every_option_has_help_and_shows_its_default(build, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # no wrapping inside a default
+    for parser in _parsers(build()):
+        text = parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._VersionAction):
+                continue
+            assert action.help, f"{parser.prog}: {action.dest} has no help"
+            if action.default not in (None, False, argparse.SUPPRESS):
+                assert f"(default: {action.default})" in text, f"{parser.prog}: {action.dest}"
+
+
+def test_mps_is_a_device_where_torch_has_it(monkeypatch):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["base"]["device"] = "mps"
+    assert parse_params(raw).base.device == "mps"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert runtime.pick_device("mps") == torch.device("mps")
+    assert runtime.pick_device("auto") == torch.device("cpu")  # mps only when named
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ParamsError, match=r"base\.device is 'mps'.*'cpu'"):
+        runtime.pick_device("mps")
