@@ -195,7 +195,8 @@ def main() -> None:
     first, kept = result.history[0]["reward_mean"], result.best["reward"]
     print(
         f"under the RL sampler: reward {first:.4f} at step 0, {kept:.4f} at the kept step "
-        f"(window mean), {(kept - first) / before['reward_std']:+.2f} pre-RL stds"
+        f"(window mean), {(kept - first) / before['reward_std']:+.2f} pre-RL stds; KL at step 0 "
+        f"{result.history[0]['kl']:.3f} (ar: the cost of top-k/top-p truncation)"
     )
     print(
         "| kind | reward | settings | pre mean ± std | post mean | gain (stds) | gain (SEs) | "
