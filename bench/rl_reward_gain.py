@@ -158,11 +158,14 @@ def main() -> None:
     policy.net.eval()
     after = measure(gen, judges["evaluator"], reward, test_x, args.per_class, seed)
 
+    # ar's KL is to the untruncated prior and starts at the truncation's cost; the tilt
+    # reweights the truncated samples, so it gets the KL RL spent beyond that start
+    kl0 = result.history[0]["kl"]
     delta = after["reward_mean"] - before["reward_mean"]
     gain = delta / before["reward_std"]
     n = len(before["rewards"])
     gain_se = delta / math.sqrt((before["reward_std"] ** 2 + after["reward_std"] ** 2) / n)
-    ideal_gain, ideal_kl = ideal(before["rewards"], before["labels"], result.best["kl"])
+    ideal_gain, ideal_kl = ideal(before["rewards"], before["labels"], result.best["kl"] - kl0)
     drop = 100 * (before["consistency"] - after["consistency"])
     fid_ratio = after["fid"] / before["fid"]
     kind = gen.kind
@@ -190,13 +193,14 @@ def main() -> None:
     print(
         f"references: real test {real_mean:.4f} ({real_gap:+.2f} stds), its reconstructions "
         f"{recon_mean:.4f} ({recon_gap:+.2f} stds); ideal tilt of "
-        f"the pre-RL samples: {ideal_gain:+.2f} stds at this KL, 2 stds at KL {ideal_kl:.2f}"
+        f"the pre-RL samples: {ideal_gain:+.2f} stds at this KL less the KL at step 0, "
+        f"2 stds at KL {ideal_kl:.2f}"
     )
     first, kept = result.history[0]["reward_mean"], result.best["reward"]
     print(
         f"under the RL sampler: reward {first:.4f} at step 0, {kept:.4f} at the kept step "
         f"(window mean), {(kept - first) / before['reward_std']:+.2f} pre-RL stds; KL at step 0 "
-        f"{result.history[0]['kl']:.3f} (ar: the cost of top-k/top-p truncation)"
+        f"{kl0:.3f} (ar: the cost of top-k/top-p truncation)"
     )
     print(
         "| kind | reward | settings | pre mean ± std | post mean | gain (stds) | gain (SEs) | "
