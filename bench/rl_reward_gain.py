@@ -10,8 +10,13 @@ as the prior file says (as evaluation and serving do) and prints:
   - the KL per sample to the prior at the kept step (averaged over the rail window),
   - the evaluator's class consistency (bar: down at most 2 points) and FID against the test
     split (bar: at most 1.2x), the reward-hacking check by a judge RL never sees.
-Any other finetune param comes from --params; e.g. for the diffusion prior, train one in a
-second root with prior.kind: diffusion and point --root there.
+Two references say how far the reward could go: its mean on the real test images and on
+their tokenizer reconstructions (what the prior can reach at best), and the ideal gain at the
+KL spent: the per-class exponential tilt of the pre-RL samples, p(x) exp(lam r(x)), which
+has the highest mean reward of any reweighting with that KL (the optimum of KL-regularised
+RL); with the KL that tilt needs for the 2-std bar. Any other finetune param comes from
+--params or --set; e.g. for the diffusion prior, train one in a second root with
+prior.kind: diffusion and point --root there.
 
   PYTHONPATH=src python bench/rl_reward_gain.py --root . --steps 60
 """
@@ -19,9 +24,11 @@ second root with prior.kind: diffusion and point --root there.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,15 +52,51 @@ def measure(
     test_x: torch.Tensor,
     per_class: int,
     seed: int,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     images, labels, _ = evaluation.generate(gen, per_class, int(gen.prior.num_classes), seed)
     total, _ = reward(images, labels)
     return {
+        "rewards": total,
+        "labels": labels,
         "reward_mean": float(total.mean()),
         "reward_std": float(total.std()),
         "consistency": evaluation.class_consistency(evaluator, images, labels),
         "fid": evaluation.fid(evaluation.FeatureExtractor(evaluator), test_x, images),
     }
+
+
+def tilt(rewards: torch.Tensor, labels: torch.Tensor, lam: float) -> tuple[float, float]:
+    """(mean reward, KL to the samples) of the samples reweighted by exp(lam * reward) within
+    each class, the classes keeping their shares (RL's groups never trade one for another)."""
+    mean = kl = 0.0
+    classes = labels.unique()
+    for c in classes:
+        r = rewards[labels == c].double()
+        w = torch.softmax(lam * r, 0)
+        mean += float((w * r).sum()) / len(classes)
+        kl += float((w * (w * len(r)).log()).sum()) / len(classes)
+    return mean, kl
+
+
+def solve_tilt(rewards: torch.Tensor, labels: torch.Tensor, key: int, target: float) -> float:
+    """The tilt lam >= 0 at which tilt(...)[key] reaches target (bisection; both grow with
+    lam); inf where no reweighting of these samples reaches it."""
+    if tilt(rewards, labels, 1e4)[key] < target:
+        return math.inf
+    lo, hi = 0.0, 1e4
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if tilt(rewards, labels, mid)[key] < target else (lo, mid)
+    return hi
+
+
+def ideal(rewards: torch.Tensor, labels: torch.Tensor, kl: float) -> tuple[float, float]:
+    """(gain in stds of the best tilt at this KL, KL the best tilt needs for 2 stds)."""
+    mean, std = float(rewards.mean()), float(rewards.std())
+    lam = solve_tilt(rewards, labels, 1, max(kl, 0.0))
+    gain = (tilt(rewards, labels, min(lam, 1e4))[0] - mean) / std
+    lam2 = solve_tilt(rewards, labels, 0, mean + 2 * std)
+    return gain, tilt(rewards, labels, lam2)[1] if math.isfinite(lam2) else math.inf
 
 
 def main() -> None:
@@ -95,8 +138,12 @@ def main() -> None:
     context = RewardContext(judges["reward"], cfg.confidence_cap)
     project = Path(__file__).resolve().parents[1]  # where bench.rl_user_rewards imports from
     reward = build_reward(cfg.rewards, cfg.reward_entry_points, context, project)
-    test_x, _ = load_split("test", root / artifacts.PREPARED)
+    test_x, test_y = load_split("test", root / artifacts.PREPARED)
     seed = params.base.seed
+    with torch.no_grad():
+        recon = gen.tokenizer.decode_codes(gen.tokenizer.encode_codes(test_x))
+    real, _ = reward(test_x, test_y)
+    real_recon, _ = reward(recon, test_y)
 
     before = measure(gen, judges["evaluator"], reward, test_x, args.per_class, seed)
     gen.prior.requires_grad_(True)
@@ -111,7 +158,14 @@ def main() -> None:
     policy.net.eval()
     after = measure(gen, judges["evaluator"], reward, test_x, args.per_class, seed)
 
-    gain = (after["reward_mean"] - before["reward_mean"]) / before["reward_std"]
+    # ar's KL is to the untruncated prior and starts at the truncation's cost; the tilt
+    # reweights the truncated samples, so it gets the KL RL spent beyond that start
+    kl0 = result.history[0]["kl"]
+    delta = after["reward_mean"] - before["reward_mean"]
+    gain = delta / before["reward_std"]
+    n = len(before["rewards"])
+    gain_se = delta / math.sqrt((before["reward_std"] ** 2 + after["reward_std"] ** 2) / n)
+    ideal_gain, ideal_kl = ideal(before["rewards"], before["labels"], result.best["kl"] - kl0)
     drop = 100 * (before["consistency"] - after["consistency"])
     fid_ratio = after["fid"] / before["fid"]
     kind = gen.kind
@@ -131,6 +185,32 @@ def main() -> None:
         f"reward gain {gain:+.2f} pre-RL stds (bar >= 2) | KL at the kept step "
         f"{result.best['kl']:.3f} nats/sample | consistency {-drop:+.1f} points (bar >= -2) | "
         f"FID x{fid_ratio:.2f} (bar <= 1.2)"
+    )
+    real_mean, recon_mean = float(real.mean()), float(real_recon.mean())
+    real_gap, recon_gap = (
+        (m - before["reward_mean"]) / before["reward_std"] for m in (real_mean, recon_mean)
+    )
+    print(
+        f"references: real test {real_mean:.4f} ({real_gap:+.2f} stds), its reconstructions "
+        f"{recon_mean:.4f} ({recon_gap:+.2f} stds); ideal tilt of "
+        f"the pre-RL samples: {ideal_gain:+.2f} stds at this KL less the KL at step 0, "
+        f"2 stds at KL {ideal_kl:.2f}"
+    )
+    first, kept = result.history[0]["reward_mean"], result.best["reward"]
+    print(
+        f"under the RL sampler: reward {first:.4f} at step 0, {kept:.4f} at the kept step "
+        f"(window mean), {(kept - first) / before['reward_std']:+.2f} pre-RL stds; KL at step 0 "
+        f"{kl0:.3f} (ar: the cost of top-k/top-p truncation)"
+    )
+    print(
+        "| kind | reward | settings | pre mean ± std | post mean | gain (stds) | gain (SEs) | "
+        "KL | ideal gain at KL | consistency | FID ratio |"
+    )
+    print(
+        f"| {kind} | {args.reward} | {' '.join(args.set) or 'defaults'} | "
+        f"{before['reward_mean']:.4f} ± {before['reward_std']:.4f} | {after['reward_mean']:.4f} | "
+        f"{gain:+.2f} | {gain_se:+.1f} | {result.best['kl']:.2f} | {ideal_gain:+.2f} | "
+        f"{before['consistency']:.3f} -> {after['consistency']:.3f} | {fid_ratio:.2f}x |"
     )
     ok = gain >= 2 and drop <= 2 and fid_ratio <= 1.2
     print("PASS" if ok else "FAIL")
