@@ -18,6 +18,7 @@ from genpipe.locks import Busy
 from genpipe.runtime import stop_on_sigterm
 from genpipe.stages import STAGES, load, run_stage
 from genpipe.tracking.store import (
+    TrackingLost,
     TrackingUnreachable,
     check_reachable,
     redact,
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         load_params(params_path)
         check_reachable()  # before Prefect starts, as the params
         stage_flow(name)(params_path)
-    except (ParamsError, DataError, ValueError, Busy, TrackingUnreachable) as exc:
+    except (ParamsError, DataError, ValueError, Busy, TrackingUnreachable, TrackingLost) as exc:
         print(f"genpipe {name}: error: {redact(str(exc))}", file=sys.stderr)
         raise SystemExit(2) from None
 
