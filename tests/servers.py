@@ -20,12 +20,10 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 180.0  # `mlflow server` took 34-51 s to answer on a loaded 2-core box
-S3_ENV = {  # moto accepts any credentials; these keep a real AWS profile out of the tests
+S3_ENV = {  # moto accepts any credentials; set in the environment, they win over a profile
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
 }
 
 

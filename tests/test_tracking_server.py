@@ -111,9 +111,9 @@ def test_every_stage_ran_on_the_server_with_lineage(pipeline, server):
         assert [r.info.status for r in by_stage.get(name, [])] == ["FINISHED"], name
         tags = by_stage[name][0].data.tags
         assert tags["git.commit"] == commit and tags["git.dirty"] == "False", (name, tags)
-        for dep in lock[name]["deps"]:  # the md5 DVC locked is the one the run tagged
-            if not dep["path"].startswith("src/"):
-                assert tags[f"dep.{dep['path']}"] == dep["md5"], (name, dep)
+        locked = {d["path"]: d["md5"] for d in lock[name]["deps"]}
+        tagged = {k.removeprefix("dep."): v for k, v in tags.items() if k.startswith("dep.")}
+        assert tagged and all(locked[p] == md5 for p, md5 in tagged.items()), (name, tagged)
         upstream = {k: v for k, v in tags.items() if k.startswith("upstream.")}
         assert name == "prepare" or upstream, name
         assert set(upstream.values()) <= run_ids, (name, upstream)
