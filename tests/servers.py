@@ -186,7 +186,7 @@ def postgres(database: str = "mlflow") -> Iterator[str]:
         with conn.cursor() as cur:
             cur.execute(f"CREATE DATABASE {database}")
         conn.close()
-        yield f"postgresql://postgres@127.0.0.1:{port}/{database}"
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{database}"
     finally:
         subprocess.run([*pg_ctl, "-m", "immediate", "-w", "stop"], capture_output=True, timeout=60)
         shutil.rmtree(folder, ignore_errors=True)
