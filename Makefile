@@ -26,9 +26,10 @@ preset: setup
 repro: data
 	python -m flows.pipeline
 
-# Two xdist workers, whole files as units, in the order given: the two pipeline modules
-# (minutes each, one repo per module) start first, one per worker; the rest fill in after.
-SLOW_TESTS := tests/test_ops.py tests/test_pipeline_e2e.py
+# Two xdist workers, whole files as units, in the order given: the pipeline modules
+# (minutes each, one repo per module) start first; the rest fill in after.
+SLOW_TESTS := tests/test_ops.py tests/test_pipeline_e2e.py tests/test_tracking_server.py \
+	tests/test_remotes.py
 
 test: setup
 	pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(SLOW_TESTS) tests
