@@ -2,8 +2,8 @@
 
 `flow.serve` registers the deployment with the Prefect server at PREFECT_API_URL and runs
 its scheduled and API-triggered runs in this process; the schedule can then be paused or
-changed in the UI (Deployments -> retrain-and-promote-nightly). For work pools (Docker,
-Kubernetes) use prefect.yaml: `prefect deploy --name nightly`.
+changed in the UI (Deployments -> retrain-and-promote-nightly). For work pools use
+prefect.yaml: `prefect deploy --name nightly` (process) or `nightly-docker` (README: Work pools).
 """
 
 from __future__ import annotations

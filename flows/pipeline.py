@@ -169,7 +169,9 @@ def build_flows() -> tuple[Any, Any]:
         from genpipe.tracking.store import tracking_uri
 
         if pull:
-            data_task.with_options(name="dvc-pull")("pull")
+            # what the remote holds (new data, outputs pushed by others); outputs it lacks
+            # are not an error: the stages below build them
+            data_task.with_options(name="dvc-pull")("pull", "--allow-missing")
         if update_imports:
             data_task.with_options(name="dvc-update")("update", "-R", ".")
         check_task()

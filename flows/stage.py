@@ -5,10 +5,13 @@ before Prefect starts, so a bad params.yaml or an unreachable server fails in se
 the key (or redacted URI) named, not after the orchestrator spins up.
 Transient failures (a tracking server or remote that is briefly unreachable) are retried
 with backoff; bad input is not. `retry_transient` is the one retry rule of every flow.
+Under `torchrun` rank 0 runs the flow and the other ranks run the stage alongside it,
+without a flow (or a temporary Prefect server) of their own.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -76,9 +79,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"usage: python -m flows.stage {{{','.join(STAGES)}}} [params.yaml]")
     name, params_path = args[0], (args[1] if len(args) > 1 else "params.yaml")
     try:
-        load_params(params_path)
+        params = load_params(params_path)
         check_reachable()  # before Prefect starts, as the params
-        stage_flow(name)(params_path)
+        if int(os.environ.get("RANK", "0")) > 0:  # torchrun's other ranks: no flow of their own
+            run_stage(name, params)
+        else:
+            stage_flow(name)(params_path)
     except (ParamsError, DataError, ValueError, Busy, TrackingUnreachable, TrackingLost) as exc:
         print(f"genpipe {name}: error: {redact(str(exc))}", file=sys.stderr)
         raise SystemExit(2) from None

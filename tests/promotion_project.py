@@ -46,7 +46,7 @@ def build(root: Path) -> None:
     save_model(root / artifacts.TOKENIZER_FILE, "tokenizer", tokenizer_arch(p), tokenizer)
     grid = tokenizer.grid(p.prepare.image_size)
     g = np.random.default_rng(0)
-    for split, n in (("train", 90), ("test", 60)):
+    for split, n in (("train", 90), ("val", 60), ("test", 60)):
         codes, labels = _codes(n, grid, g)
         with torch.no_grad():
             images = tokenizer.decode_codes(torch.from_numpy(codes)).clamp(0, 1)

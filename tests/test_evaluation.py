@@ -291,3 +291,48 @@ def test_percentile_interval_centring_and_limits():
         intervals.consistency_interval(*consistency_case(10), level=1.0)
     with pytest.raises(ValueError, match="resamples"):
         intervals.consistency_interval(*consistency_case(10), resamples=1)
+
+
+def test_floor_sample_takes_the_same_number_per_class_from_the_split_it_is_given():
+    y = torch.tensor([0] * 30 + [1] * 7 + [2] * 12)
+    x = torch.arange(len(y), dtype=torch.float64)[:, None]
+    floor, m = evaluation.floor_sample(x, y, per_class=10, seed=0)
+    assert m == 7  # the smallest class bounds it
+    assert torch.bincount(y[floor.flatten().long()]).tolist() == [7, 7, 7]
+    assert len(set(floor.flatten().tolist())) == 21  # no image twice
+    assert torch.equal(evaluation.floor_sample(x, y, 10, seed=0)[0], floor)
+    assert evaluation.floor_sample(x, y, per_class=5, seed=0)[1] == 5
+    with pytest.raises(ValueError, match="val_frac"):
+        evaluation.floor_sample(x[:31], y[:31], per_class=10, seed=0)  # class 1 has 1 image
+
+
+def test_equal_n_sets_are_disjoint_class_balanced_cuts_of_the_generated_rows():
+    per_class, classes, m = 10, 3, 3
+    fake = torch.arange(per_class * classes, dtype=torch.float64)[:, None]
+    sets = evaluation.equal_n_sets(fake, per_class, classes, m)
+    assert len(sets) == 3 and all(len(s) == m * classes for s in sets)
+    rows = torch.cat(sets).flatten().long()
+    assert len(set(rows.tolist())) == len(rows)  # disjoint; the 10th of each class is left out
+    for s in sets:
+        assert (s.flatten().long() // per_class).tolist() == [0] * 3 + [1] * 3 + [2] * 3
+
+
+def test_fid_at_equal_n_matches_the_floor_where_unequal_n_flatters_the_larger_set():
+    """Generated and floor drawn from the test split's own distribution: a perfect generator,
+    whose FID should equal the floor's on average. FID's finite-N bias falls with N, so 1,000
+    generated against a floor of 270 reads about 0.7 of it (better than real data); cut into
+    sets of the floor's N (as evaluation.score does) it reads about 1. Means over 64 draws,
+    because a ratio of two noisy FIDs is itself biased upwards (Jensen)."""
+    fid = evaluation.fid_from_features
+    equal = unequal = floors = 0.0
+    for seed in range(64):
+        g = torch.Generator().manual_seed(seed)
+        real, fake, floor = (torch.randn(n, 4, generator=g) for n in (270, 1000, 270))
+        floors += fid(real, floor)
+        unequal += fid(real, fake)
+        sets = evaluation.equal_n_sets(fake, 100, 10, 27)
+        equal += sum(fid(real, s) for s in sets) / len(sets)
+        iv = intervals.fid_ratio_interval(real, sets, floor, resamples=2)
+        assert iv.estimate == pytest.approx(sum(fid(real, s) for s in sets) / 3 / fid(real, floor))
+    assert unequal / floors < 0.8
+    assert equal / floors == pytest.approx(1.0, abs=0.1)

@@ -164,3 +164,21 @@ def test_official_split_needs_two_train_and_one_test_image_per_class(train, test
     with pytest.raises(DataError, match=rf"here: class '1' has {train} image.*and {test} in it"):
         check_classes(labels, ["0", "1"], test_indices, "here")
     check_classes(np.array([0] * 5 + [1] * 2 + [0, 1]), ["0", "1"], [7, 8], "here")  # enough
+
+
+def test_per_class_subset_keeps_the_first_of_each_class_in_each_split(
+    tmp_path, monkeypatch, capsys
+):
+    checksums, arrays = write_mnist(tmp_path / "src", gz=True)
+    monkeypatch.setattr(mnist, "__defaults__", (None, checksums))
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "fetch", "mnist", "--path", "src", "--per-class", "1"]) == 0
+    sub = read_raw(tmp_path / "data/raw")
+    train_y = arrays["train-labels-idx1-ubyte"].tolist()
+    firsts = sorted(train_y.index(c) for c in range(10))
+    assert sub.origins[:10] == [f"train:{i}" for i in firsts]
+    assert sub.test_indices == list(range(10, 20))
+    assert sorted(sub.labels[:10].tolist()) == sorted(sub.labels[10:].tolist()) == list(range(10))
+    assert np.array_equal(sub.images[0][..., 0], arrays["train-images-idx3-ubyte"][firsts[0]])
+    assert main(["data", "fetch", "mnist", "--path", "src", "--per-class", "0"]) == 2
+    assert "--per-class must be >= 1" in capsys.readouterr().err

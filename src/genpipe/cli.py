@@ -21,10 +21,12 @@ REFUSALS = (ParamsError, DataError, ValueError, Busy, TrackingUnreachable, Track
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
-    from genpipe.data.raw import write_raw
+    from genpipe.data.raw import first_per_class, write_raw
     from genpipe.data.sources import load_source
 
     data = load_source(args.source, Path(args.path) if args.path else None)
+    if args.per_class is not None:
+        data = first_per_class(data, args.per_class)
     write_raw(data, Path(args.out))
     print(
         f"wrote {len(data.labels)} images in {len(data.classes)} classes "
@@ -190,7 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument(
         "--path", help="MNIST idx files, torchvision root (local copy / download) or image folder"
     )
-    fetch.add_argument("--out", default="data/raw")
+    fetch.add_argument("--out", default="data/raw", help="where to write (default: %(default)s)")
+    fetch.add_argument(
+        "--per-class",
+        type=int,
+        metavar="N",
+        help="keep only the first N images of each class in each split (smoke runs; default: all)",
+    )
     fetch.set_defaults(func=cmd_data_fetch)
 
     ensure = data.add_parser("ensure", help="make data/raw match data.dvc (pull or export)")

@@ -50,6 +50,9 @@ class Base(Section):
     )
     seed: int = Field(0, ge=0, description="seed for every random draw of every stage")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = Field(
+        False, description="torch.compile the model every training loop trains (CUDA only)"
+    )
     source: SourceName = "digits"
     source_path: str | None = Field(None, description="folder or download root for the source")
 
@@ -191,7 +194,6 @@ class Prior(Section):
         4.5, ge=0, description="Gumbel noise on which cells to fix first, annealed (maskgit)"
     )
     samples_per_class: int = Field(50, ge=1, description="for the consistency metric")
-    compile: bool = Field(False, description="torch.compile on CUDA")
     optim: Optim = Optim()
 
     @field_validator("kind")

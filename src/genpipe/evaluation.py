@@ -211,15 +211,37 @@ def generate(
 
 
 def floor_sample(
-    train_x: torch.Tensor, train_y: torch.Tensor, per_class: int, seed: int
-) -> torch.Tensor:
-    """As many real train images per class as generated, for the FID floor."""
+    x: torch.Tensor, y: torch.Tensor, per_class: int, seed: int
+) -> tuple[torch.Tensor, int]:
+    """The FID floor's real images: from a split the evaluator never trained on (val), the
+    same number m per class, m = min(per_class, the smallest class), seeded. Returns the
+    class-ordered images and m."""
+    classes = torch.unique(y)
+    m = min(per_class, *(int((y == c).sum()) for c in classes))
+    if m < 2:
+        raise ValueError(
+            f"the FID floor needs >= 2 held-out images per class, the smallest class has {m}: "
+            "raise prepare.val_frac"
+        )
     g = torch.Generator().manual_seed(seed)
-    picks = []
-    for c in torch.unique(train_y):
-        idx = torch.nonzero(train_y == c).flatten()
-        picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
-    return train_x[torch.cat(picks)]
+    picks = [
+        torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()), generator=g)[:m]]
+        for c in classes
+    ]
+    return x[torch.cat(picks)], m
+
+
+def equal_n_sets(
+    fake: torch.Tensor, per_class: int, num_classes: int, m: int
+) -> list[torch.Tensor]:
+    """Class-ordered generated rows (per_class per class) cut into per_class // m disjoint
+    sets of m per class, the floor's size: FID falls as N grows, so FID(fake) / FID(floor) at
+    unequal N would flatter whichever set is larger."""
+    by_class = fake.reshape(num_classes, per_class, *fake.shape[1:])
+    return [
+        by_class[:, j * m : (j + 1) * m].reshape(num_classes * m, *fake.shape[1:])
+        for j in range(per_class // m)
+    ]
 
 
 def score(
@@ -234,18 +256,24 @@ def score(
     """All sample metrics of one generator (cfg.samples_per_class per class), and its samples."""
     images, labels, codes = generate(gen, cfg.samples_per_class, num_classes, seed)
     extractor = FeatureExtractor(evaluator)
-    fid_value = fid(extractor, test_x, images)
-    floor = fid(extractor, test_x, floor_x)
     fake_f, real_f = features(extractor, images), features(extractor, test_x)
     floor_f, preds = features(extractor, floor_x), predictions(evaluator, images)
+    m = len(floor_x) // num_classes
+    fakes = equal_n_sets(fake_f, cfg.samples_per_class, num_classes, m)
+    fid_at_floor_n = sum(fid_from_features(real_f, f) for f in fakes) / len(fakes)
+    floor = fid_from_features(real_f, floor_f)
     # intervals import this module: imported here, once the module is complete
     from genpipe.evaluation_intervals import sample_intervals
 
-    cis = sample_intervals(real_f, fake_f, floor_f, preds, labels, cfg.knn_k, seed=seed)
+    cis = sample_intervals(
+        real_f, fake_f, floor_f, preds, labels, cfg.knn_k, seed=seed, fake_sets=fakes
+    )
     return {
-        "fid": fid_value,
+        "fid": fid_from_features(real_f, fake_f),
+        "fid_at_floor_n": fid_at_floor_n,
         "fid_floor": floor,
-        "fid_ratio": fid_value / max(floor, 1e-9),
+        "fid_floor_n": len(floor_x),
+        "fid_ratio": fid_at_floor_n / max(floor, 1e-9),
         **precision_recall(real_f, fake_f, cfg.knn_k, seed),
         **{f"{k}_ci_{end}": getattr(iv, end) for k, iv in cis.items() for end in ("low", "high")},
         "class_consistency": class_consistency(evaluator, images, labels),

@@ -20,6 +20,7 @@ correction of FID's bias; `offset` (median - estimate) reports how far it was mo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,26 +72,30 @@ def _ratio(fid: float, floor: float) -> float:
 
 def fid_ratio_interval(
     real: torch.Tensor,
-    fake: torch.Tensor,
+    fake: torch.Tensor | Sequence[torch.Tensor],
     floor: torch.Tensor,
     resamples: int = 1000,
     level: float = 0.95,
     seed: int = 0,
 ) -> Interval:
     """FID(real, fake) / FID(real, floor) from evaluator features (N, d) of the test split,
-    the generated samples and the real floor sample."""
+    the generated samples and the real floor sample. `fake` may be several disjoint sets of
+    the floor's size (evaluation.equal_n_sets): the numerator is then their mean FID."""
     _check(resamples, level)
+    fakes = [fake] if isinstance(fake, torch.Tensor) else list(fake)
     fd, stats = evaluation.frechet_distance, evaluation.gaussian_stats
-    estimate = _ratio(
-        evaluation.fid_from_features(real, fake), evaluation.fid_from_features(real, floor)
-    )
+
+    def mean_fid(r: tuple[torch.Tensor, torch.Tensor], sets: list[torch.Tensor]) -> float:
+        return sum(fd(*r, *stats(f)) for f in sets) / len(sets)
+
+    estimate = _ratio(mean_fid(stats(real), fakes), evaluation.fid_from_features(real, floor))
     g = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(resamples):
         r = stats(real[_resample(len(real), g)])
-        f = stats(fake[_resample(len(fake), g)])
+        f = [f[_resample(len(f), g)] for f in fakes]
         fl = stats(floor[_resample(len(floor), g)])
-        values.append(_ratio(fd(*r, *f), fd(*r, *fl)))
+        values.append(_ratio(mean_fid(r, f), fd(*r, *fl)))
     return percentile_interval(estimate, torch.tensor(values), level, True, (0.0, math.inf))
 
 
@@ -150,10 +155,12 @@ def sample_intervals(
     resamples: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    fake_sets: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, Interval]:
-    """Intervals for fid_ratio, precision, recall and class_consistency of one generator."""
+    """Intervals for fid_ratio, precision, recall and class_consistency of one generator;
+    the FID ratio takes `fake_sets` (fake cut to the floor's size) when given."""
     return {
-        "fid_ratio": fid_ratio_interval(real, fake, floor, resamples, level, seed),
+        "fid_ratio": fid_ratio_interval(real, fake_sets or fake, floor, resamples, level, seed),
         **precision_recall_intervals(real, fake, k, resamples, level, seed),
         "class_consistency": consistency_interval(predictions, labels, resamples, level, seed),
     }

@@ -1,10 +1,10 @@
-"""Where and how a stage computes: seeds, deterministic kernels, the device, CPU threads and
-mixed precision. Deterministic on CPU for a seed; every stage starts here (genpipe.spec)."""
+"""Where and how a stage computes: seeds, deterministic kernels, the device, CPU threads,
+host-to-device copies and mixed precision. Deterministic on CPU for a seed; on CUDA fast
+(bf16 autocast, the usual non-deterministic kernels). Every stage starts here (genpipe.spec)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import signal
 from collections.abc import Iterator
@@ -12,28 +12,30 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from genpipe.config import ParamsError
 
+CPU = torch.device("cpu")
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed every RNG and make kernels deterministic; returns a generator for the stage's draws."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+def seed_everything(seed: int, device: torch.device = CPU) -> torch.Generator:
+    """Seed every RNG; on CPU also make kernels deterministic, so a seed gives the same bytes.
+    On CUDA the fast kernels stay (README: what is deterministic on CUDA). Returns a
+    generator for the stage's draws."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    deterministic_kernels()
+    if device.type == "cpu":
+        deterministic_kernels()
     return torch.Generator().manual_seed(seed)
 
 
 def deterministic_kernels() -> None:
-    """Deterministic kernels (warn where none exists). The public switch also imports Inductor
-    to set its deterministic mode, ~3.5 s at every stage start; only torch.compile, which
-    genpipe uses on CUDA alone, reads that mode, so CPU-only machines set the kernel flag alone."""
-    if torch.cuda.is_available():
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    else:
-        torch._C._set_deterministic_algorithms(True, warn_only=True)
+    """Deterministic CPU kernels (warn where none exists). The kernel flag alone: the public
+    switch also imports Inductor to set its deterministic mode (~3.5 s at every stage start),
+    which only torch.compile reads, and genpipe compiles on CUDA alone."""
+    torch._C._set_deterministic_algorithms(True, warn_only=True)
 
 
 @contextlib.contextmanager
@@ -78,3 +80,20 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor onto `device`: on CUDA from pinned memory without blocking, so the copy
+    overlaps the work queued before it; on CPU the tensor itself."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def maybe_compile(model: nn.Module, requested: bool, device: torch.device) -> bool:
+    """torch.compile `model`'s call in place when `base.compile` asks and the device is CUDA
+    (on CPU, Inductor's C++ build costs more than test-sized models gain); True if it did."""
+    if not requested or device.type != "cuda":
+        return False
+    model.compile()
+    return True

@@ -63,8 +63,8 @@ class StageSpec:
         inputs and code (saved by rank 0 only)."""
         store.check_reachable()
         world = distributed.init()
-        generator = seed_everything(params.base.seed)
         device = pick_device(params.base.device)
+        generator = seed_everything(params.base.seed, device)
         if device.type == "cuda" and world.size > 1:
             device = torch.device("cuda", torch.cuda.current_device())
         used = self.deps if deps is None else deps
@@ -72,7 +72,7 @@ class StageSpec:
         fingerprint = f"{params.digest(*self.params)}:{digests}:{self.code_digest(params, root)}"
         every = checkpoint_every if world.is_main else 0
         ckpt = Checkpoint(root / CHECKPOINTS / self.name / "last.pt", fingerprint, every)
-        return StageContext(device, generator, ckpt, world)
+        return StageContext(device, generator, ckpt, world, params.base.compile)
 
     def code_digest(self, params: Params, root: Path) -> str:
         """md5 of the stage's code: its module's import closure (dvc.yaml's code deps) and
@@ -114,6 +114,7 @@ class StageContext:
     generator: torch.Generator
     checkpoint: Checkpoint
     world: distributed.World
+    compile: bool = False  # base.compile: torch.compile what a training loop trains (CUDA)
 
 
 class _Restricted:

@@ -1,7 +1,8 @@
 """The one training loop (`fit`): optimiser and schedule, EMA weights, resume from and save to
-a checkpoint (genpipe.checkpoint: weights, optimiser and every RNG), history and progress.
-Every stage that trains uses `fit`; RL fine-tuning keeps its own loop but the same
-checkpoints, optimiser parameter groups and progress. Models never import this; stages do."""
+a checkpoint (genpipe.checkpoint: weights, optimiser and every RNG), history and progress,
+data parallel under torchrun (genpipe.distributed). Every stage that trains uses `fit`; RL
+fine-tuning keeps its own loop but the same checkpoints, optimiser parameter groups, gradient
+averaging and progress. Models never import this; stages do."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from torch import nn
 from tqdm import tqdm
 
 from genpipe.checkpoint import Checkpoint
-from genpipe.runtime import autocast
+from genpipe.distributed import SINGLE, World
+from genpipe.runtime import autocast, maybe_compile
 
 if TYPE_CHECKING:
     from genpipe.config import Optim
@@ -96,15 +98,17 @@ def progress(total: int, desc: str, initial: int = 0) -> tqdm:
     )
 
 
-def steps(start: int, total: int, desc: str) -> Iterator[int]:
-    """Iterate training steps with a progress bar."""
-    bar = progress(total, desc, initial=start)
+def steps(start: int, total: int, desc: str, quiet: bool = False) -> Iterator[int]:
+    """Iterate training steps with a progress bar (none when `quiet`: torchrun's other ranks)."""
+    bar = progress(total, desc, initial=start) if not quiet else None
     try:
         for step in range(start, total):
             yield step
-            bar.update(1)
+            if bar is not None:
+                bar.update(1)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
 
 History = list[dict[str, float]]
@@ -123,6 +127,8 @@ def fit(
     log_lr: bool = False,
     compile: bool = False,
     on_step: Callable[[int, nn.Module], None] | None = None,
+    world: World = SINGLE,
+    shared: Sequence[torch.Generator] = (),
 ) -> tuple[nn.Module, History]:
     """Train `model` for cfg.steps steps, from scratch or from `checkpoint`.
 
@@ -131,29 +137,41 @@ def fit(
     gradient clipping, optional EMA weights; `parts` (anything with state_dict, e.g. a
     discriminator and its optimiser, updated in `after_step(step)`) and `generators` are
     saved with the checkpoint. `on_step(step, model)` runs last in each step (interrupt
-    tests, benchmarks); `compile` runs the model through torch.compile (CUDA). Returns the
+    tests, benchmarks); `compile` (base.compile) runs the model through torch.compile on
+    CUDA. Returns the
     EMA (or trained) model in eval mode and the curve.
+
+    Under torchrun (`world`), `loss_fn` computes the loss of this rank's shard of the step's
+    global batch (`world.shard`); the gradients are averaged over ranks before clipping,
+    logged values are averaged too, and only rank 0's checkpoint saves (every rank resumes
+    from it). `generators` draw per-sample noise, from per-rank forks during a step
+    (`world.rank_streams`, as torch's global RNG); `shared` ones draw for the whole global
+    batch, the same on every rank (e.g. augmentations applied before sharding).
     """
+    world.sync_batchnorm(model)
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     saved: dict[str, Any] = {"model": model, "opt": opt, "sched": sched, **(parts or {})}
     if ema is not None:
         saved["ema"] = ema.model
-    if compile:  # torch.compile of the module's call, in place (after the EMA copy)
-        model.compile()
+    device = next(model.parameters()).device
+    maybe_compile(model, compile, device)  # in place, after the EMA copy
     history: History = []
     start = 0
-    if (state := checkpoint.resume(generators)) is not None:
+    every_generator = (*generators, *shared)
+    if (state := checkpoint.resume(every_generator)) is not None:
         for key, obj in saved.items():
             obj.load_state_dict(state[key])
         history, start = state["history"], state["step"]
-    device = next(model.parameters()).device
+    world.sync_state(model)
     model.train()
-    for step in steps(start, cfg.steps, desc):
-        with autocast(device):
-            loss, logs = loss_fn(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+    for step in steps(start, cfg.steps, desc, quiet=not world.is_main):
+        with world.rank_streams(generators):
+            with autocast(device):
+                loss, logs = loss_fn(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        world.average_gradients(model)
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -164,14 +182,16 @@ def fit(
             ema.update(model)
         if step % LOG_EVERY == 0 or step == cfg.steps - 1:
             values = {k: v.item() if torch.is_tensor(v) else float(v) for k, v in logs.items()}
-            row = {"step": step, "loss": loss.item(), **values}
+            row = {"step": step, **world.mean({"loss": loss.item(), **values})}
             history.append({**row, "lr": sched.get_last_lr()[0]} if log_lr else row)
         checkpoint.maybe_save(
             step,
             cfg.steps,
             {**{k: obj.state_dict() for k, obj in saved.items()}, "history": history},
-            generators,
+            every_generator,
         )
         if on_step is not None:
             on_step(step, model)
+    for m in (model, ema.model if ema is not None else model):
+        world.local_batchnorm(m)
     return (ema.model if ema is not None else model).eval(), history

@@ -62,6 +62,32 @@ def _bad_test_indices(indices: object, n: int) -> str | None:
     return None
 
 
+def first_per_class(data: RawDataset, per_class: int) -> RawDataset:
+    """The first `per_class` images of each class in each split (the official test set, when
+    the source has one, counts as its own split), in the source's order: a deterministic
+    subset of a large source for smoke runs (`genpipe data fetch --per-class N`)."""
+    if per_class < 1:
+        raise DataError(f"--per-class must be >= 1, got {per_class}")
+    test = set(data.test_indices or ())
+    seen: dict[tuple[bool, int], int] = {}
+    keep = []
+    for i, y in enumerate(data.labels.tolist()):
+        key = (i in test, y)
+        if seen.get(key, 0) < per_class:
+            seen[key] = seen.get(key, 0) + 1
+            keep.append(i)
+    return RawDataset(
+        images=[data.images[i] for i in keep],
+        labels=data.labels[keep],
+        classes=data.classes,
+        source=data.source,
+        origins=[data.origins[i] for i in keep],
+        test_indices=None
+        if data.test_indices is None
+        else [j for j, i in enumerate(keep) if i in test],
+    )
+
+
 def write_raw(data: RawDataset, out: Path) -> None:
     """Write `data` to `out` atomically: a sibling temp folder renamed into place."""
     tmp = out.with_name(out.name + ".tmp")

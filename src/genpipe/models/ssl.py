@@ -8,6 +8,7 @@ probe sees what the encoder learned rather than where pixels sit.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,6 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def encoder_features(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -48,6 +53,8 @@ class SimCLR(nn.Module):
     """Encoder -> spatial mean -> MLP projection head; forward(view1, view2) gives the NT-Xent loss.
 
     The head is discarded after pretraining: probes and the tokenizer use the encoder alone.
+    For data-parallel training set `gather` to a differentiable gather of every rank's rows
+    in global order: the negatives are then the whole global batch, as on one process.
     """
 
     def __init__(
@@ -67,12 +74,13 @@ class SimCLR(nn.Module):
             nn.Linear(proj_hidden, proj_dim),
         )
         self.temperature = temperature
+        self.gather: Callable[[torch.Tensor], torch.Tensor] = _identity
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
         # One encoder pass over both views, so BatchNorm in the head sees a single batch.
         z = self.head(encoder_features(self.encoder, torch.cat([view1, view2])))
         z1, z2 = z.chunk(2)
-        return nt_xent(z1, z2, self.temperature)
+        return nt_xent(self.gather(z1), self.gather(z2), self.temperature)
 
 
 def random_patch_mask(

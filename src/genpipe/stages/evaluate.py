@@ -1,9 +1,12 @@
 """Stage `evaluate`: score the base and the fine-tuned prior with the evaluator judge.
 
 For each generator: N samples per class (seeded); FID in the evaluator's penultimate feature
-space against the test split, with its floor (FID of as many real train images against the
-same test split) and their ratio; k-NN precision/recall; class consistency; diversity
-(mean pairwise feature distance, entropy of the codes); plus the tokenizer's reconstructions.
+space against the test split, with its floor (FID of real val images, which the evaluator never
+trained on, against the same test split: m per class, m = min(samples_per_class, the smallest
+val class); `fid_floor_n` reports the floor's N) and their ratio at equal N (the generated
+samples cut into disjoint sets of the floor's size, their mean FID over the floor's); k-NN
+precision/recall; class consistency; diversity (mean pairwise feature distance, entropy of
+the codes); plus the tokenizer's reconstructions.
 FID ratio, precision, recall and class consistency get 95% bootstrap intervals (`*_ci_low`,
 `*_ci_high`; see genpipe.evaluation_intervals).
 """
@@ -34,10 +37,10 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     cfg = params.evaluate
     ctx = SPEC.start(params, root)
     test_x, _ = load_split("test", root / artifacts.PREPARED)
-    train_x, train_y = load_split("train", root / artifacts.PREPARED)
-    num_classes = int(train_y.max()) + 1
+    val_x, val_y = load_split("val", root / artifacts.PREPARED)
+    num_classes = int(val_y.max()) + 1
     evaluator = load_judge(root, "evaluator", num_classes)
-    floor_x = evaluation.floor_sample(train_x, train_y, cfg.samples_per_class, params.base.seed)
+    floor_x, _ = evaluation.floor_sample(val_x, val_y, cfg.samples_per_class, params.base.seed)
     gens = {
         k: load_generator(root / artifacts.TOKENIZER_FILE, root / p / artifacts.PRIOR_FILE)
         for k, p in artifacts.PRIORS.items()

@@ -34,6 +34,7 @@ from genpipe.artifacts.judges import load_judge
 from genpipe.checkpoint import Checkpoint
 from genpipe.config import Finetune, Params
 from genpipe.data.prepared import load_split
+from genpipe.distributed import SINGLE, World
 from genpipe.generator import Generator
 from genpipe.modelio import read_model_file, save_model
 from genpipe.outputs import write_json
@@ -78,9 +79,15 @@ def prompts(step: int, cfg: Finetune, num_classes: int, device: torch.device) ->
 
 
 def update(
-    policy: Policy, opt: torch.optim.Optimizer, roll: Rollout, adv: torch.Tensor, cfg: Finetune
+    policy: Policy,
+    opt: torch.optim.Optimizer,
+    roll: Rollout,
+    adv: torch.Tensor,
+    cfg: Finetune,
+    world: World = SINGLE,
 ) -> dict[str, float]:
-    """`inner_iters` steps on the clipped surrogate + beta * k3 KL; mean loss and clip fraction."""
+    """`inner_iters` steps on the clipped surrogate + beta * k3 KL (gradients averaged over
+    torchrun's ranks); mean loss and clip fraction over every rank."""
     losses, clips = [], []
     for _ in range(cfg.inner_iters):
         logp = policy.log_prob(roll)
@@ -90,12 +97,13 @@ def update(
         loss = surrogate + cfg.beta * kl.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        world.average_gradients(policy.net)
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(policy.net.parameters(), cfg.grad_clip)
         opt.step()
         losses.append(float(loss.detach()))
         clips.append(float(clip_frac))
-    return {"loss": sum(losses) / len(losses), "clip_frac": sum(clips) / len(clips)}
+    return world.mean({"loss": sum(losses) / len(losses), "clip_frac": sum(clips) / len(clips)})
 
 
 def advantages(rewards: torch.Tensor, cfg: Finetune) -> torch.Tensor:
@@ -127,13 +135,18 @@ def train(
     num_classes: int,
     generator: torch.Generator,
     checkpoint: Checkpoint | None = None,
+    world: World = SINGLE,
 ) -> Result:
     """GRPO for cfg.steps steps (resuming `checkpoint`), plus one last batch that only measures
     the final weights. Each batch measures the weights that drew it, averaged over the last
     `rail_window` batches: one batch's mean reward is too noisy to rank weights by (a lucky
     early batch would win), and one batch's k3 KL too heavy-tailed to stop on. Training stops
     when that KL passes kl_bound; the weights with the best averaged reward within it are
-    kept. Rows whose batch made no update have NaN loss and clip fraction."""
+    kept. Rows whose batch made no update have NaN loss and clip fraction.
+
+    Under torchrun each rank samples whole groups of the step's prompts (`world.shard_groups`)
+    from its fork of the shared stream, so advantages stay within a group; the row's
+    statistics are over every rank's samples, so all ranks take the same decisions."""
     net = policy.net
     opt = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr)
     history: list[dict[str, float]] = []
@@ -145,17 +158,23 @@ def train(
         history, best, start = state["history"], state["best"], state["step"]
     stopped = False
     device = next(net.parameters()).device
-    for step in steps(start, cfg.steps + 1, "finetune"):
-        labels = prompts(step, cfg, num_classes, device)
-        roll = policy.rollout(labels, generator)
+    group = cfg.group_size
+    for step in steps(start, cfg.steps + 1, "finetune", quiet=not world.is_main):
+        labels = world.shard_groups(prompts(step, cfg, num_classes, device), group)
+        with world.rank_streams([generator]):
+            roll = policy.rollout(labels, generator)
         total, parts = reward(roll.images.cpu(), labels.cpu())
+        every = world.gather_groups(total, group)
         row = {
             "step": step,
-            "reward_mean": float(total.mean()),
-            "reward_std": float(total.std()),
-            "kl": float(roll.kl_per_sample().mean()),
-            "diversity": rl.group_diversity(roll.images, cfg.group_size),
-            **{f"reward_{name}": float(r.mean()) for name, r in parts.items()},
+            "reward_mean": float(every.mean()),
+            "reward_std": float(every.std()),
+            "kl": float(world.gather_groups(roll.kl_per_sample(), group).mean()),
+            **world.mean({"diversity": rl.group_diversity(roll.images, group)}),
+            **{
+                f"reward_{name}": float(world.gather_groups(r, group).mean())
+                for name, r in parts.items()
+            },
         }
         recent = [*history[-cfg.rail_window :], row]
         for key in ("reward_mean", "kl"):
@@ -172,7 +191,7 @@ def train(
         if stopped or step == cfg.steps:
             history.append(row)
             break
-        row.update(update(policy, opt, roll, advantages(total, cfg), cfg))
+        row.update(update(policy, opt, roll, advantages(total, cfg), cfg, world))
         history.append(row)
         if checkpoint is not None:
             state = {"net": net.state_dict(), "opt": opt.state_dict(), "history": history}
@@ -218,6 +237,10 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     gen = gen.to(ctx.device).requires_grad_(False)
     gen.prior.requires_grad_(True)
     policy, reference = make_policy(gen, cfg)
+    if not ctx.world.is_main:  # other torchrun ranks sample and train alongside rank 0
+        with cpu_threads(ctx.device):
+            train(policy, reward, cfg, num_classes, ctx.generator, ctx.checkpoint, ctx.world)
+        return {}
     extra = prior_file["extra"]
     base = Generator(gen.tokenizer, reference, gen.kind, gen.sampling, extra.get("formulation"))
     n = cfg.eval_samples_per_class
@@ -227,7 +250,9 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             base, judges, reward, test_x, num_classes, n, params.base.seed
         )
         with cpu_threads(ctx.device):  # scoring's batches of thousands keep every thread
-            result = train(policy, reward, cfg, num_classes, ctx.generator, ctx.checkpoint)
+            result = train(
+                policy, reward, cfg, num_classes, ctx.generator, ctx.checkpoint, ctx.world
+            )
         policy.net.load_state_dict(result.best["state"])
         after, after_images = score(gen, judges, reward, test_x, num_classes, n, params.base.seed)
         metrics = {

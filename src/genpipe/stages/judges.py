@@ -6,6 +6,7 @@ seed) only scores samples, so a generator that games the reward judge shows up i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,13 @@ from genpipe.artifacts.judges import judge_arch
 from genpipe.checkpoint import Checkpoint
 from genpipe.config import Judge, Params
 from genpipe.data.prepared import load_split
+from genpipe.distributed import SINGLE, World
 from genpipe.evaluation import predictions
 from genpipe.modelio import save_model
 from genpipe.models.classifier import Classifier
 from genpipe.outputs import write_json
-from genpipe.spec import StageSpec
+from genpipe.runtime import to_device
+from genpipe.spec import StageContext, StageSpec
 from genpipe.training import History, batch_indices, fit
 
 SPEC = StageSpec(
@@ -42,37 +45,60 @@ def train_judge(
     device: torch.device,
     checkpoint: Checkpoint,
     on_step=None,
+    world: World = SINGLE,
+    compile: bool = False,
 ) -> tuple[Classifier, History]:
     """Cross-entropy training with its own seed (weights, dropout and batch order), from
-    scratch or resuming `checkpoint`."""
+    scratch or resuming `checkpoint`; under torchrun on this rank's shard of each batch."""
     torch.manual_seed(cfg.seed)
     model = Classifier(**arch).to(device)
-    x, y = x.to(device), y.to(device)
+    x, y = to_device(x, device), to_device(y, device)
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        idx = batch_indices(len(x), cfg.optim.batch_size, cfg.seed, step).to(device)
+        idx = world.shard(batch_indices(len(x), cfg.optim.batch_size, cfg.seed, step)).to(device)
         return F.cross_entropy(model(x[idx]).float(), y[idx]), {}
 
     final, history = fit(
-        model, cfg.optim, loss_fn, checkpoint, f"judge {arch['arch']}", on_step=on_step
+        model,
+        cfg.optim,
+        loss_fn,
+        checkpoint,
+        f"judge {arch['arch']}",
+        on_step=on_step,
+        world=world,
+        compile=compile,
     )
     return final, history  # type: ignore[return-value]
+
+
+def train_all(
+    params: Params, x: torch.Tensor, y: torch.Tensor, ctx: StageContext
+) -> Iterator[tuple[str, Judge, dict[str, Any], Classifier, History]]:
+    """Train each judge in turn (role, params, arch, model on CPU, curve); the checkpoint
+    of each is saved by rank 0 only."""
+    num_classes = int(y.max()) + 1
+    for role in artifacts.JUDGE_ROLES:
+        cfg: Judge = getattr(params.judges, role)
+        arch = judge_arch(cfg, params, num_classes)
+        every = cfg.optim.checkpoint_every if ctx.world.is_main else 0
+        checkpoint = ctx.checkpoint.part(role, every)
+        model, history = train_judge(
+            cfg, arch, x, y, ctx.device, checkpoint, world=ctx.world, compile=ctx.compile
+        )
+        yield role, cfg, arch, model.cpu(), history
 
 
 def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     ctx = SPEC.start(params, root)
     train_x, train_y = load_split("train", root / artifacts.PREPARED)
     test_x, test_y = load_split("test", root / artifacts.PREPARED)
-    num_classes = int(train_y.max()) + 1
+    if not ctx.world.is_main:  # other torchrun ranks train alongside rank 0, which writes
+        for _ in train_all(params, train_x, train_y, ctx):
+            pass
+        return {}
     with SPEC.record(params, root) as (run, (out, metrics_path, plots)):
         metrics: dict[str, Any] = {}
-        for role in artifacts.JUDGE_ROLES:
-            cfg: Judge = getattr(params.judges, role)
-            arch = judge_arch(cfg, params, num_classes)
-            every = cfg.optim.checkpoint_every if ctx.world.is_main else 0
-            checkpoint = ctx.checkpoint.part(role, every)
-            model, history = train_judge(cfg, arch, train_x, train_y, ctx.device, checkpoint)
-            model = model.cpu()
+        for role, cfg, arch, model, history in train_all(params, train_x, train_y, ctx):
             predicted = predictions(model, test_x)
             acc = float((predicted == test_y).double().mean())
             metrics[role] = {

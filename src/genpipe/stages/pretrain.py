@@ -20,6 +20,7 @@ from genpipe.modelio import save_model
 from genpipe.models.autoencoder import Encoder
 from genpipe.models.ssl import MAE, SimCLR, encoder_features, simclr_augment
 from genpipe.outputs import write_json
+from genpipe.runtime import to_device
 from genpipe.spec import StageContext, StageSpec
 from genpipe.training import History, batch_indices, fit
 
@@ -50,11 +51,15 @@ def build_objective(params: Params, encoder: Encoder) -> nn.Module:
 def train(
     params: Params, x_train: torch.Tensor, ctx: StageContext, on_step=None
 ) -> tuple[Encoder, History]:
-    """Train from scratch or resume `ctx.checkpoint`; returns the (EMA) encoder and the curve."""
+    """Train from scratch or resume `ctx.checkpoint`; returns the (EMA) encoder and the curve.
+    Under torchrun the views are drawn for the whole global batch (the same on every rank)
+    before each rank takes its shard, and SimCLR's negatives span the global batch."""
     cfg, opt_cfg = params.pretrain, params.pretrain.optim
-    device, g = ctx.device, ctx.generator
+    device, g, world = ctx.device, ctx.generator, ctx.world
     encoder = Encoder(**encoder_arch(params))
     objective = build_objective(params, encoder).to(device)
+    if isinstance(objective, SimCLR):
+        objective.gather = world.gather_rows
     augment_g = torch.Generator().manual_seed(params.base.seed + 7)
     augment = simclr_augment(
         augment_g,
@@ -63,13 +68,14 @@ def train(
         translate=cfg.translate,
         noise_std=cfg.noise_std,
     )
-    x_all = x_train.to(device)
+    x_all = to_device(x_train, device)
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         idx = batch_indices(len(x_all), opt_cfg.batch_size, params.base.seed, step)
         x = x_all[idx.to(device)]
-        views = (augment(x), augment(x)) if cfg.method == "simclr" else (x, g)
-        return objective(*views), {}
+        if cfg.method == "simclr":
+            return objective(world.shard(augment(x)), world.shard(augment(x))), {}
+        return objective(world.shard(x), g), {}
 
     final, history = fit(
         objective,
@@ -77,8 +83,11 @@ def train(
         loss_fn,
         ctx.checkpoint,
         f"pretrain ({cfg.method})",
-        generators=(g, augment_g),
+        generators=(g,),
+        shared=(augment_g,),
         on_step=on_step,
+        world=world,
+        compile=ctx.compile,
     )
     return final.encoder.eval(), history  # type: ignore[return-value]
 
@@ -125,6 +134,9 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     ctx = SPEC.start(params, root, cfg.optim.checkpoint_every)
     prepared = root / artifacts.PREPARED
     train_xy, test_xy = load_split("train", prepared), load_split("test", prepared)
+    if not ctx.world.is_main:  # other torchrun ranks train alongside rank 0, which writes
+        train(params, train_xy[0], ctx)
+        return {}
     with SPEC.record(params, root) as (run, (out, metrics_path, plots)):
         encoder, history = train(params, train_xy[0], ctx)
         encoder = encoder.cpu()

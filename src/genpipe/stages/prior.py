@@ -28,6 +28,7 @@ from genpipe.modelio import save_model
 from genpipe.models.priors import prior_kind
 from genpipe.models.priors.base import CodeSpace, PriorKind
 from genpipe.outputs import write_json
+from genpipe.runtime import to_device
 from genpipe.spec import StageContext, StageSpec
 from genpipe.training import History, batch_indices, fit
 
@@ -67,7 +68,7 @@ def train(
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         idx = batch_indices(len(x_train), cfg.optim.batch_size, params.base.seed, step)
-        idx = idx.to(ctx.device)
+        idx = ctx.world.shard(idx).to(ctx.device)
         return kind.loss(model, settings, x_train[idx], y_train[idx], ctx.generator), {}
 
     return fit(
@@ -78,8 +79,9 @@ def train(
         f"prior ({cfg.kind})",
         generators=(ctx.generator,),
         log_lr=True,
-        compile=cfg.compile and ctx.device.type == "cuda",
+        compile=ctx.compile,
         on_step=on_step,
+        world=ctx.world,
     )
 
 
@@ -99,13 +101,17 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     arch = kind.from_params(cfg, space)
     settings = kind.settings(cfg)
     sampling = {**kind.sampling(cfg), **kind.calibrate(tokenizer, train_codes)}
-    x_train = kind.inputs(tokenizer, train_codes, sampling).to(device)
+    x_train = to_device(kind.inputs(tokenizer, train_codes, sampling), device)
+    y_train = to_device(train_y, device)
     x_val = kind.inputs(tokenizer, val_codes, sampling).to(device)
     model = kind.build(arch).to(device)
+    if not ctx.world.is_main:  # other torchrun ranks train alongside rank 0, which writes
+        train(params, kind, model, settings, x_train, y_train, ctx)
+        return {}
 
     with SPEC.record(params, root) as (run, (out, metrics_path, plots)):
         t0 = time.perf_counter()
-        final, history = train(params, kind, model, settings, x_train, train_y.to(device), ctx)
+        final, history = train(params, kind, model, settings, x_train, y_train, ctx)
         train_seconds = time.perf_counter() - t0
         with torch.no_grad():
             metrics = kind.validate(final, settings, x_val, val_y.to(device), params.base.seed)

@@ -46,10 +46,10 @@ LOWER_IS_BETTER = {"fid", "fid_ratio"}
 def _score(gen: Generator, params: Params, root: Path) -> dict[str, float]:
     cfg = params.evaluate
     test_x, _ = load_split("test", root / artifacts.PREPARED)
-    train_x, train_y = load_split("train", root / artifacts.PREPARED)
-    num_classes = int(train_y.max()) + 1
+    val_x, val_y = load_split("val", root / artifacts.PREPARED)
+    num_classes = int(val_y.max()) + 1
     evaluator = load_judge(root, "evaluator", num_classes)
-    floor_x = evaluation.floor_sample(train_x, train_y, cfg.samples_per_class, params.base.seed)
+    floor_x, _ = evaluation.floor_sample(val_x, val_y, cfg.samples_per_class, params.base.seed)
     metrics, _ = evaluation.score(
         gen, evaluator, test_x, floor_x, cfg, num_classes, params.base.seed
     )

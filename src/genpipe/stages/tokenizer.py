@@ -27,7 +27,7 @@ from genpipe.models.discriminator import (
 )
 from genpipe.models.tokenizer import VQAutoencoder
 from genpipe.outputs import write_json
-from genpipe.runtime import autocast
+from genpipe.runtime import autocast, to_device
 from genpipe.spec import StageContext, StageSpec
 from genpipe.training import History, batch_indices, fit, make_optimizer
 
@@ -66,14 +66,13 @@ def train(
     )
     rec_fn = F.l1_loss if cfg.recon_loss == "l1" else F.mse_loss
     use_gan = cfg.disc_weight > 0
-    x_all = train_x.to(device)
-    net = world.wrap(model, device)  # DDP averages gradients across ranks
+    x_all = to_device(train_x, device)
     batch: dict[str, torch.Tensor] = {}  # this step's images, for the discriminator update
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         idx = batch_indices(len(x_all), opt_cfg.batch_size, params.base.seed, step)
         x = x_all[world.shard(idx).to(device)]
-        x_hat, codes, q_loss, stats = net(x)
+        x_hat, codes, q_loss, stats = model(x)
         rec = rec_fn(x_hat.float(), x)
         if perceptual is not None:
             rec = rec + cfg.perceptual_weight * perceptual(x_hat, x)
@@ -94,6 +93,7 @@ def train(
         batch.clear()
         d_opt.zero_grad(set_to_none=True)
         d_loss.backward()
+        world.average_gradients(disc)
         d_opt.step()
         d_sched.step()
 
@@ -106,6 +106,8 @@ def train(
         parts={"disc": disc, "d_opt": d_opt, "d_sched": d_sched},
         after_step=discriminator_step,
         on_step=on_step,
+        world=world,
+        compile=ctx.compile,
     )
     return final, history  # type: ignore[return-value]
 

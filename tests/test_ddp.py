@@ -1,0 +1,186 @@
+"""Data-parallel training under torchrun (gloo, CPU), two processes.
+
+tests/ddp_worker.py (one torchrun start) trains pretrain, both judges, tokenizer and prior on
+two ranks against the same training on one process at the same global batch, resumes under
+DDP, and checks RL's group sharding; here, finetune runs as a stage under torchrun, and the
+pieces (group sharding, per-rank streams, the flow on rank 0) run in one process.
+
+Tolerance of the 2-vs-1 comparisons: relative L2 distance of all weights at most 1e-3 (the
+worker's TOL). Not bytes: a rank's loss is the mean over its shard, so the averaged gradient
+equals the whole batch's only up to float summation order (~1e-6 relative), and Adam turns
+the sign of a mathematically zero gradient (a bias just before BatchNorm) into a full
+lr-sized step. Per-sample noise (dropout, class dropout) is drawn per rank, from forks of the
+shared streams, so those comparisons switch it off; SimCLR's augmentations are drawn for the
+global batch and stay on. Resume under DDP is compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from genpipe.config import load_params
+from genpipe.data.raw import write_raw
+from genpipe.data.sources import load_source
+from genpipe.distributed import World
+from genpipe.runtime import cpu_threads
+from genpipe.stages import run_stage
+from tests.tiny import merge
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = yaml.safe_load((REPO / "presets" / "tiny.yaml").read_text())
+# What each stage reads from the stages before it, shared by every run below.
+INPUTS = {
+    "pretrain": ["data/prepared"],
+    "judges": ["data/prepared"],
+    "prior": ["data/codes", "models/tokenizer", "models/judges"],
+    "finetune": ["data/prepared", "models/prior", "models/tokenizer", "models/judges"],
+}
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory, mlflow_uri) -> Path:
+    """The tiny pipeline's outputs up to the prior, made in this process."""
+    root = tmp_path_factory.mktemp("ddp_upstream")
+    write_raw(load_source("digits"), root / "data/raw")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
+    params = load_params(root / "params.yaml")
+    with cpu_threads(torch.device("cpu")):
+        for stage in ("prepare", "judges", "tokenizer", "tokenize", "prior"):
+            run_stage(stage, params, root)
+    return root
+
+
+def _root(upstream: Path, base: Path, stage: str, extra: dict) -> Path:
+    """A fresh project folder with the stage's inputs (links) and params."""
+    base.mkdir(parents=True)
+    for rel in INPUTS[stage]:
+        (base / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(upstream / rel, base / rel)
+    (base / "params.yaml").write_text(yaml.safe_dump(merge(TINY, extra)))
+    return base
+
+
+def torchrun(
+    root: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        *args,
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'src'}:{REPO}"}
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, cwd=root, env=full_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _weights(path: Path) -> torch.Tensor:
+    state = torch.load(path, weights_only=False)["state_dict"]
+    return torch.cat([v.double().flatten() for k, v in state.items() if v.is_floating_point()])
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / a.norm())
+
+
+def _curve(path: Path) -> list[dict[str, str]]:
+    lines = path.read_text().splitlines()
+    keys = lines[0].split(",")
+    return [dict(zip(keys, line.split(","), strict=True)) for line in lines[1:]]
+
+
+@pytest.mark.slow
+def test_finetune_stage_under_torchrun(upstream, tmp_path):
+    """`genpipe stage finetune` under two processes: RL trains for its steps within the KL
+    rails, rank 0 alone writes and shows progress. Ranks draw their own samples, so the run
+    is not the single process's (the worker test checks group sharding and the replicas)."""
+    two = _root(upstream, tmp_path / "two", "finetune", {"finetune": {"steps": 3}})
+    proc = torchrun(two, "-m", "genpipe.cli", "stage", "finetune")
+    metrics = json.loads((two / "metrics/finetune.json").read_text())
+    assert metrics["steps_run"] == 3
+    rows = _curve(two / "plots/finetune/reward.csv")
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
+    assert all(float(r["kl"]) <= float(r["kl_bound"]) for r in rows)
+    before = _weights(upstream / "models/prior/prior.pt")
+    assert _relative(before, _weights(two / "models/finetune/prior.pt")) > 0
+    assert proc.stderr.count("finetune:") == 1  # one progress bar: rank 0's
+    assert not (two / "checkpoints/finetune").exists() or not any(
+        (two / "checkpoints/finetune").iterdir()
+    )
+
+
+def test_flow_runs_on_rank_0_only(monkeypatch, tmp_path):
+    """`python -m flows.stage` under torchrun: rank 0 runs the Prefect flow, another rank the
+    stage alone (no flow, no temporary Prefect server of its own)."""
+    import flows.stage as flow_stage
+
+    calls: list[str] = []
+    monkeypatch.setattr(flow_stage, "check_reachable", lambda: None)
+    monkeypatch.setattr(flow_stage, "run_stage", lambda name, params: calls.append(f"run {name}"))
+    monkeypatch.setattr(
+        flow_stage, "stage_flow", lambda name: lambda path: calls.append(f"flow {name}")
+    )
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    params_path = str(tmp_path / "params.yaml")
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        flow_stage.main(["judges", params_path])
+    assert calls == ["run judges", "flow judges"]
+
+
+def test_shard_groups_gives_each_rank_whole_groups():
+    labels = torch.arange(6).repeat_interleave(4)  # 6 groups of 4
+    shards = [World(r, 3).shard_groups(labels, 4) for r in range(3)]
+    for r, shard in enumerate(shards):
+        groups = shard.view(-1, 4)
+        assert (groups == groups[:, :1]).all()  # whole groups only
+        assert groups[:, 0].tolist() == [r, r + 3]
+    assert sorted(torch.cat(shards).tolist()) == labels.tolist()
+    with pytest.raises(ValueError, match="prompts_per_step"):
+        World(0, 4).shard_groups(labels, 4)
+
+
+def test_rank_streams_fork_per_rank_and_return_to_the_shared_stream():
+    def draws(rank: int, size: int) -> tuple[list[float], list[float]]:
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(1)
+        inside = []
+        for _ in range(2):
+            with World(rank, size).rank_streams([g]):
+                inside.append(float(torch.rand(1, generator=g)) + float(torch.rand(1)))
+        return inside, [float(torch.rand(1, generator=g)), float(torch.rand(1))]
+
+    (a0, after0), (a1, after1) = draws(0, 2), draws(1, 2)
+    assert a0 != a1 and a0[0] != a0[1]  # ranks, and steps, draw differently
+    assert after0 == after1  # and then share the stream again
+    single_inside, _ = draws(0, 1)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    expected = [float(torch.rand(1, generator=g)) + float(torch.rand(1)) for _ in range(2)]
+    assert single_inside == expected  # one process draws from the shared streams themselves
+
+
+@pytest.mark.slow
+def test_every_stage_trains_alike_on_two_processes_and_resumes(upstream, tmp_path):
+    """tests/ddp_worker.py under two processes: pretrain, both judges, tokenizer and prior
+    train to within TOL of one process at the same global batch, both ranks holding the same
+    weights; the prior stopped after a checkpoint and resumed ends with the bytes of a run
+    never stopped (dropout on: per-rank streams resume too); RL keeps both ranks' weights
+    identical, each sampling whole groups."""
+    proc = torchrun(tmp_path, str(REPO / "tests" / "ddp_worker.py"), str(upstream))
+    for name in ("pretrain", "judges.reward", "judges.evaluator", "tokenizer", "prior"):
+        assert f"{name}: 2 processes vs 1" in proc.stdout, proc.stdout
+    assert "resume: same bytes on every rank" in proc.stdout, proc.stdout
+    assert "rl: whole groups, identical weights" in proc.stdout, proc.stdout
