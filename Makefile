@@ -28,7 +28,8 @@ repro: data
 
 # Two xdist workers, whole files as units, in the order given: the pipeline modules
 # (minutes each, one repo per module) start first; the rest fill in after.
-SLOW_TESTS := tests/test_ops.py tests/test_pipeline_e2e.py tests/test_workpool.py
+SLOW_TESTS := tests/test_ops.py tests/test_pipeline_e2e.py tests/test_workpool.py \
+	tests/test_tracking_server.py tests/test_remotes.py
 
 test: setup
 	pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(SLOW_TESTS) tests

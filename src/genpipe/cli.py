@@ -13,11 +13,11 @@ from genpipe.data.catalog import SOURCES
 from genpipe.data.raw import DataError
 from genpipe.locks import Busy
 from genpipe.stages import STAGES
-from genpipe.tracking.store import TrackingUnreachable, redact, redact_tracebacks
+from genpipe.tracking.store import TrackingLost, TrackingUnreachable, redact, redact_tracebacks
 
 # Bad input and refusals: a message naming the key, file or holder, exit 2, no traceback.
 # (RewardError and ModelFileError are ValueErrors, as pydantic's own.)
-REFUSALS = (ParamsError, DataError, ValueError, Busy, TrackingUnreachable)
+REFUSALS = (ParamsError, DataError, ValueError, Busy, TrackingUnreachable, TrackingLost)
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:

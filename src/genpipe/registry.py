@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,8 @@ MODEL_NAME = "genpipe-generator"
 CANDIDATE, CHAMPION = "candidate", "champion"
 MAIN_BRANCH = "main"  # champion moves only from a clean run on it (or from the flow)
 PROMOTION_FLOW_ENV = "GENPIPE_PROMOTION_FLOW"  # set to 1 by flows.pipeline.retrain_and_promote
+LEASE = f"{MODEL_NAME}.alias-lease"  # exists only while a register run moves aliases
+LEASE_STALE_S = 60.0
 
 
 GUARD = "class_consistency"
@@ -176,18 +181,56 @@ def mark(version: str, tags: dict[str, Any]) -> None:
         client.set_model_version_tag(MODEL_NAME, version, k, str(v))
 
 
+@contextlib.contextmanager
+def alias_lease(timeout: float = 120.0, stale_after: float = LEASE_STALE_S) -> Iterator[None]:
+    """Held around the compare-and-set of `move_aliases`, across machines: creating a
+    registered model is the one atomic step MLflow's API has (a name exists once in every
+    store), so only one racer holds `LEASE` at a time. A lease older than `stale_after`
+    (its holder died within the few requests it is held for) is deleted and taken."""
+    from mlflow.exceptions import MlflowException
+
+    client = store.client()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.create_registered_model(
+                LEASE, description=f"held by pid {os.getpid()} on {socket.gethostname()}"
+            )
+            break
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        with contextlib.suppress(MlflowException):  # gone meanwhile: try again
+            held = client.get_registered_model(LEASE)
+            if time.time() - held.creation_timestamp / 1000 > stale_after:
+                client.delete_registered_model(LEASE)
+                continue
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"registered model {LEASE} (the alias lease of another register run) was "
+                f"held for {timeout:.0f} s; if no register is running, delete it and re-run"
+            )
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        client.delete_registered_model(LEASE)
+
+
 def move_aliases(version: str, promote: bool, expected_champion: str | None) -> None:
     """The last step of `register`: alias `candidate`, and `champion` if promoted, after
-    checking `champion` still points where the decision read it (compare-and-set; raises
-    ChampionMoved otherwise, moving nothing)."""
-    now = champion_version()
-    if promote and now != expected_champion:
-        raise ChampionMoved(
-            f"champion moved from version {expected_champion} to {now} after this run "
-            "decided; nothing was aliased: re-run register to decide against the new champion"
-        )
-    client = store.client()
-    client.set_registered_model_alias(MODEL_NAME, CANDIDATE, version)
-    if promote:
-        client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
+    checking `champion` still points where the decision read it (compare-and-set under
+    `alias_lease`; raises ChampionMoved otherwise, moving nothing)."""
+    with alias_lease():
+        now = champion_version()
+        if promote and now != expected_champion:
+            raise ChampionMoved(
+                f"champion moved from version {expected_champion} to {now} after this run "
+                "decided; nothing was aliased: re-run register to decide against the new "
+                "champion"
+            )
+        client = store.client()
+        client.set_registered_model_alias(MODEL_NAME, CANDIDATE, version)
+        if promote:
+            client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
     mark(version, {"state": "champion" if promote else "candidate"})

@@ -10,6 +10,7 @@ from types import ModuleType
 from typing import Any
 
 from genpipe.config import Params
+from genpipe.tracking import store
 
 # In pipeline order (dvc.yaml is written in this order).
 STAGES = (
@@ -33,6 +34,12 @@ def load(name: str) -> ModuleType:
 
 
 def run_stage(name: str, params: Params, root: Path = Path(".")) -> Any:
-    """Run a stage with only the params its spec declares."""
+    """Run a stage with only the params its spec declares; a tracking server lost on the way
+    becomes a TrackingLost that names it."""
     module = load(name)
-    return module.run(module.SPEC.view(params), root)
+    try:
+        return module.run(module.SPEC.view(params), root)
+    except Exception as exc:
+        if (lost := store.lost_server(exc, name)) is not None:
+            raise lost from exc
+        raise

@@ -108,6 +108,33 @@ def check_reachable(uri: str | None = None, timeout: float = REACH_TIMEOUT_S) ->
         ) from None
 
 
+class TrackingLost(ConnectionError):
+    """The tracking server stopped answering while a stage ran (after MLflow's own retries,
+    `MLFLOW_HTTP_REQUEST_MAX_RETRIES`): transient, so a flow retries the stage."""
+
+    transient = True
+
+
+_LOST = ("Connection refused", "Max retries exceeded", "Connection aborted", "RemoteDisconnected")
+
+
+def lost_server(exc: BaseException, stage: str) -> TrackingLost | None:
+    """A TrackingLost naming the (redacted) server URI when `exc` is a lost connection to an
+    http(s) tracking server, else None. MLflow's own message names only the failed endpoint."""
+    uri = tracking_uri()
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return None
+    text = f"{type(exc).__name__}: {exc}"
+    cause = next((s for s in _LOST if s in text), None)
+    if cause is None:
+        return None
+    return TrackingLost(
+        f"MLflow tracking server {redact(uri)} stopped answering during stage {stage} "
+        f"({cause}); start it again and re-run the stage: aliases move only at the end of "
+        "`register`, so a stage cut short promoted nothing"
+    )
+
+
 def init_lock(uri: str) -> Path:
     """Beside a SQLite store (two stages creating it at once raced on its tables), else in
     the project's own untracked folder."""
