@@ -216,7 +216,7 @@ def prior_kinds(preset: str) -> str:
         "Base priors (no RL), each trained by the `prior` stage with the preset's params and",
         "`prior.kind` changed, scored like `evaluate` (95% intervals in brackets).",
         "",
-        "| kind | steps | sampling | FID ratio | precision | recall | consistency "
+        "| kind | train steps | sampling | FID ratio | precision | recall | consistency "
         "| seed | commit |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
