@@ -57,7 +57,7 @@ def train(model: nn.Module, codes, labels, optim, seed: int) -> tuple[nn.Module,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--root", type=Path, default=Path("."))
-    parser.add_argument("--steps", type=int, default=None, help="default: prior.optim.steps")
+    parser.add_argument("--steps", type=int, default=None, help="default: the kind's prior steps")
     parser.add_argument("--maskgit-steps", type=int, nargs="+", default=[8, 12])
     parser.add_argument("--choice-temperatures", type=float, nargs="+", default=[4.5, 1.0])
     parser.add_argument("--cfg-scales", type=float, nargs="+", default=None, help="MaskGIT's")
@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.root / "params.yaml")
     cfg, seed = params.prior, params.base.seed
-    optim = cfg.optim.model_copy(update={"steps": args.steps or cfg.optim.steps})
+    optim = cfg.optim.model_copy(update={"steps": args.steps or cfg.train_steps})
     tokenizer = load_tokenizer(args.root / "models/tokenizer/model.pt")
     train_codes, train_y, card = load_codes("train", args.root / "data/codes")
     val_codes, val_y, _ = load_codes("val", args.root / "data/codes")

@@ -1,9 +1,20 @@
 """Stage-2 prior benchmark: AR sampling with/without KV cache, AR training throughput and its
-share of the measured matmul peak, diffusion sampling speed per sampler.
+share of the measured matmul peak, diffusion sampling speed per sampler, and MaskGIT against AR
+with its KV cache.
 
-    python bench/prior_bench.py [--device cpu|cuda] [--threads N]
+    python bench/prior_bench.py [--device cpu|cuda] [--threads N] [--only PART ...]
+        [--batch B ...] [--samples N]
 
 Timings are the best of a few repeats after a warm-up call; on a shared CPU they are noisy.
+
+MaskGIT vs AR (`--only maskgit`): N samples at the same batch size, at each preset's prior size
+and sampling settings (digits: 4x4 grid, dim 64, depth 3; mnist: 7x7, dim 128, depth 4), AR
+with its KV cache against MaskGIT's parallel decoding in T steps, MaskGIT both unguided (its
+default scale 1.0: one pass per step) and at AR's guidance (two passes). Both priors run in
+the same process one after the other, so a shared CPU slows both alike; each figure is one
+timed run of all samples after a warm-up batch. MaskGIT does T full passes over L cells where
+AR with a cache does L single-cell steps, so it wins only where a step's fixed cost, not its
+arithmetic, sets the pace: small batches, or a GPU.
 """
 
 from __future__ import annotations
@@ -17,11 +28,23 @@ import torch
 from genpipe.models.diffusion import SAMPLERS, make_formulation, sample
 from genpipe.models.priors.ar import ARPrior
 from genpipe.models.priors.diffusion import Denoiser
+from genpipe.models.priors.maskgit import MaskGITPrior
 
 # the prior defaults (params.yaml `prior`): AR and diffusion architectures
 AR_ARCH = dict(dim=64, depth=3, heads=4, dropout=0.1, pos="learned")
 DIFF_ARCH = dict(dim=64, depth=2, heads=4)
 VOCAB, CLASSES, LATENT_DIM = 128, 10, 4
+# MaskGIT vs AR per preset: grid, prior arch and AR's sampling (presets/<name>.yaml `prior`)
+PRESETS = {
+    "digits": ((4, 4), AR_ARCH, dict(cfg_scale=2.0, top_p=0.95)),
+    "mnist": (
+        (7, 7),
+        dict(dim=128, depth=4, heads=4, dropout=0.0, pos="learned"),
+        dict(cfg_scale=1.5, top_p=0.95),
+    ),
+}
+MASKGIT_STEPS = (8, 12)
+PARTS = ("ar", "train", "diffusion", "maskgit")
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3, warmup: bool = True):
@@ -138,20 +161,66 @@ def bench_diffusion(device: torch.device, n: int = 64, steps: int = 20) -> None:
         )
 
 
+def samples_per_second(model, device: torch.device, n: int, batch: int, **kw) -> float:
+    """Throughput of drawing n samples, batch at a time, classes cycling."""
+    labels = torch.arange(batch, device=device) % CLASSES
+    g = torch.Generator().manual_seed(0)
+
+    def run(batches: int) -> None:
+        with autocast(device), torch.no_grad():
+            for _ in range(batches):
+                model.sample(labels, g, temperature=1.0, **kw)
+
+    run(1)  # warm-up
+    return n / timed(lambda: run(n // batch), device, repeats=1, warmup=False)
+
+
+def bench_maskgit(device: torch.device, batches: list[int], n: int) -> None:
+    """MaskGIT's sampling speed as a multiple of AR's with its KV cache (the bar: >= 3x)."""
+    for preset, (grid, arch, sampling) in PRESETS.items():
+        torch.manual_seed(0)
+        ar = ARPrior(VOCAB, grid, CLASSES, **arch).to(device).eval()
+        mg = MaskGITPrior(VOCAB, grid, CLASSES, **arch).to(device).eval()
+        for batch in batches:
+            base = samples_per_second(ar, device, n, batch, use_cache=True, **sampling)
+            line = (
+                f"{preset} grid {grid[0]}x{grid[1]}, batch {batch}: AR+KV cache "
+                f"(cfg {sampling['cfg_scale']}) {base:,.0f} samples/s"
+            )
+            for steps in MASKGIT_STEPS:
+                for cfg_scale in (1.0, sampling["cfg_scale"]):
+                    rate = samples_per_second(
+                        mg, device, n, batch, steps=steps, cfg_scale=cfg_scale, top_p=0.95
+                    )
+                    line += f"; MaskGIT T={steps} cfg {cfg_scale} {rate / base:.2f}x"
+            print(line, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--batch", type=int, nargs="+", default=[10, 50, 250], help="maskgit")
+    parser.add_argument("--samples", type=int, default=1000, help="maskgit")
     args = parser.parse_args()
+    for batch in args.batch:
+        if args.samples % batch:
+            parser.error(f"--samples ({args.samples}) must be a multiple of --batch ({batch})")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"device {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
-    for grid in ((4, 4), (16, 16)):
-        bench_ar_sampling(device, grid)
-    bench_ar_training(device, AR_ARCH, batch=64)
-    bench_ar_training(device, dict(dim=256, depth=4, heads=4, pos="learned"), batch=256)
-    bench_diffusion(device)
+    if "ar" in args.only:
+        for grid in ((4, 4), (16, 16)):
+            bench_ar_sampling(device, grid)
+    if "train" in args.only:
+        bench_ar_training(device, AR_ARCH, batch=64)
+        bench_ar_training(device, dict(dim=256, depth=4, heads=4, pos="learned"), batch=256)
+    if "diffusion" in args.only:
+        bench_diffusion(device)
+    if "maskgit" in args.only:
+        bench_maskgit(device, args.batch, args.samples)
 
 
 if __name__ == "__main__":

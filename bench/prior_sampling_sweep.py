@@ -7,12 +7,18 @@ without retraining: to choose a kind's guidance scale, guidance interval or deco
 Each argument is a JSON object of overrides of the sampling settings recorded in the prior
 file (`{}` = as recorded). Same samples, seed and metrics as `evaluate` (its params.yaml
 section), so the recorded setting reproduces evaluate's figures for that prior.
+
+`--record FILE` appends each result (kind, sampling, every metric with its interval, the seed,
+the commit, and the prior stage's metrics from `--prior-metrics`, e.g. its training steps) to
+a JSON list: docs/results/<preset>/prior_kinds.json is what `bench/reference_runs.py --render`
+tables as "Prior kinds".
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -29,6 +35,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--root", type=Path, default=Path("."))
     parser.add_argument("--prior", type=Path, default=artifacts.PRIOR, help="folder, from root")
+    parser.add_argument("--record", type=Path, help="append the results to this JSON list")
+    parser.add_argument("--prior-metrics", type=Path, help="the prior stage's metrics, recorded")
     parser.add_argument("overrides", nargs="+", type=json.loads)
     args = parser.parse_args()
     root = args.root
@@ -53,6 +61,29 @@ def main() -> None:
             f"{m['class_consistency']:.3f} ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
+        if args.record:
+            record(args, gen.kind, gen.sampling, m, seed)
+
+
+def record(args: argparse.Namespace, kind: str, sampling: dict, m: dict, seed: int) -> None:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    prior = json.loads(args.prior_metrics.read_text()) if args.prior_metrics else {}
+    rows = json.loads(args.record.read_text()) if args.record.is_file() else []
+    rows.append(
+        {
+            "kind": kind,
+            "sampling": sampling,
+            "seed": seed,
+            "commit": commit,
+            "date": time.strftime("%Y-%m-%d"),
+            "prior": prior,
+            "metrics": {k: float(v) for k, v in m.items()},
+        }
+    )
+    args.record.parent.mkdir(parents=True, exist_ok=True)
+    args.record.write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

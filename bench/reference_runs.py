@@ -203,6 +203,36 @@ def section(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prior_kinds(preset: str) -> str:
+    """The "Prior kinds" table of a preset: every base prior scored by
+    `bench/prior_sampling_sweep.py --record docs/results/<preset>/prior_kinds.json` on the same
+    tokenizer, codes and evaluator (evaluate's samples and seed), one row per record."""
+    path = DOCS / "results" / preset / "prior_kinds.json"
+    if not path.is_file():
+        return ""
+    rows = json.loads(path.read_text())
+    lines = [
+        f"### Prior kinds (`{preset}`)",
+        "",
+        "Base priors (no RL), each trained by the `prior` stage with the preset's params and",
+        "`prior.kind` changed, scored like `evaluate` (95% intervals in brackets).",
+        "",
+        "| kind | train steps | sampling | FID ratio | precision | recall | consistency "
+        "| seed | commit |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m, s = r["metrics"], r["sampling"]
+        shown = {k: s[k] for k in ("cfg_scale", "guidance_interval", "steps", "top_p") if k in s}
+        sampling = ", ".join(f"{k} {v}" for k, v in shown.items())
+        lines.append(
+            f"| {r['kind']} | {r['prior'].get('train_steps', 'n/a')} | {sampling} "
+            f"| {_ci(m, 'fid_ratio')} | {_ci(m, 'precision')} | {_ci(m, 'recall')} "
+            f"| {_ci(m, 'class_consistency')} | {r['seed']} | `{r['commit']}` |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def render() -> None:
     results = sorted(
         (json.loads(p.read_text()) for p in (DOCS / "results").glob("*/results.json")),
@@ -217,7 +247,9 @@ def render() -> None:
     )
     # findings of other benchmarks (docs/findings/*.md), kept across re-renders
     findings = [p.read_text() for p in sorted((DOCS / "findings").glob("*.md"))]
-    body = "\n".join(section(r) for r in results)
+    body = "\n".join(
+        "\n".join(filter(None, (section(r), prior_kinds(r["preset"])))) for r in results
+    )
     (DOCS / "results.md").write_text(head + "\n".join([body, *findings]))
 
 

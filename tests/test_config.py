@@ -30,6 +30,13 @@ def test_repo_params_are_valid():
         ({"tokenizer": {"code_dim": 100}}, "tokenizer.code_dim", "must not exceed"),
         ({"tokenizer": {"optim": {"lr": -1.0}}}, "tokenizer.optim.lr", "greater than 0"),
         ({"nosuchstage": {}}, "nosuchstage", "unknown key"),
+        ({"prior": {"steps_by_kind": {"diffusoin": 10}}}, "prior.steps_by_kind", "unknown prior"),
+        ({"prior": {"steps_by_kind": {"ar": 0}}}, "prior.steps_by_kind.ar", "at least 1"),
+        (
+            {"prior": {"kind": "maskgit", "steps_by_kind": {"ar": 10}}},
+            "prior.steps_by_kind",
+            "no entry for kind 'maskgit'",
+        ),
     ],
 )
 def test_bad_values_name_the_key(raw, key, hint):
@@ -106,3 +113,17 @@ def test_inf_and_nan_are_refused_with_the_dotted_key(tmp_path, yaml_text, key):
     path.write_text(yaml_text)
     with pytest.raises(ParamsError, match=rf"- {key}: Input should be a finite number"):
         load_params(path)
+
+
+def test_prior_steps_follow_the_kind_unless_given():
+    """`prior.optim.steps: null` trains each kind for its own steps (diffusion needs ~3x AR's,
+    measured); a number applies to whichever kind runs, and is what training reads."""
+    by_kind = {"ar": 800, "diffusion": 2400, "maskgit": 700}
+    for kind, steps in by_kind.items():
+        prior = parse_params({"prior": {"kind": kind, "steps_by_kind": by_kind}}).prior
+        assert prior.optim.steps is None
+        assert prior.train_steps == steps and prior.train_optim.steps == steps
+    fixed = {"kind": "diffusion", "steps_by_kind": by_kind, "optim": {"steps": 300}}
+    prior = parse_params({"prior": fixed}).prior
+    assert prior.train_steps == 300 and prior.train_optim.steps == 300
+    assert prior.train_optim.lr == prior.optim.lr  # the other knobs pass through

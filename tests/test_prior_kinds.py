@@ -77,7 +77,8 @@ PARAMS = {
     "prior": {
         "kind": "cell_table",
         "samples_per_class": 2,
-        "optim": {"steps": 30, "batch_size": 16, "lr": 0.05, "warmup_steps": 1},
+        "steps_by_kind": {"cell_table": 30},  # optim.steps null: the kind's own steps
+        "optim": {"batch_size": 16, "lr": 0.05, "warmup_steps": 1},
     },
     "finetune": {"steps": 3, "prompts_per_step": 2, "group_size": 3, "lr": 0.05},
 }
@@ -127,6 +128,9 @@ def test_a_kind_defined_here_trains_finetunes_and_serves(kind, tmp_path, mlflow_
 
     metrics = prior.run(prior.SPEC.view(params), tmp_path)  # the prior stage, as DVC runs it
     assert metrics["val_nll_per_code"] < np.log(8) - 0.3  # learned the class-typed codes
+    recorded = json.loads((tmp_path / "metrics/prior.json").read_text())
+    last_step = (tmp_path / "plots/prior/loss.csv").read_text().split()[-1].split(",")[0]
+    assert recorded["train_steps"] == 30 and last_step == "29"  # steps_by_kind was trained
     tokenizer_file = tmp_path / "models/tokenizer/model.pt"
     prior_file = tmp_path / "models/prior/prior.pt"
     gen = load_generator(tokenizer_file, prior_file)

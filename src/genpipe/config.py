@@ -88,6 +88,13 @@ class Optim(Section):
     checkpoint_every: int = Field(200, ge=0, description="steps between checkpoints; 0 = never")
 
 
+class PriorOptim(Optim):
+    """The prior's optimisation knobs: `steps: null` takes `prior.steps_by_kind` for the kind
+    that runs (kinds converge at different speeds: diffusion needs about 3x AR's steps)."""
+
+    steps: int | None = Field(None, ge=1, description="null = prior.steps_by_kind[kind]")
+
+
 class Tokenizer(Section):
     channels: list[int] = Field([32, 64], min_length=1)
     num_res_blocks: int = Field(1, ge=0)
@@ -203,7 +210,11 @@ class Prior(Section):
         "frozen SSL encoder's features at the same grid cell; 0 = off",
     )
     align_depth: int = Field(1, ge=1, description="REPA: the block (1 = first) that is aligned")
-    optim: Optim = Optim()
+    steps_by_kind: dict[str, int] = Field(
+        {"ar": 800, "diffusion": 2400, "maskgit": 800},
+        description="training steps per kind, taken when optim.steps is null",
+    )
+    optim: PriorOptim = PriorOptim()
 
     @field_validator("kind")
     @classmethod
@@ -213,8 +224,34 @@ class Prior(Section):
         prior_kind(kind)
         return kind
 
+    @field_validator("steps_by_kind")
+    @classmethod
+    def _steps_by_kind(cls, steps: dict[str, int]) -> dict[str, int]:
+        from genpipe.models.priors import prior_kind
+
+        for kind, n in steps.items():
+            prior_kind(kind)
+            if n < 1:
+                raise ValueError(f"{kind}: expected at least 1 training step, got {n}")
+        return steps
+
+    @property
+    def train_steps(self) -> int:
+        """The training steps of the kind that runs: optim.steps, else its steps_by_kind."""
+        return self.optim.steps if self.optim.steps is not None else self.steps_by_kind[self.kind]
+
+    @property
+    def train_optim(self) -> Optim:
+        """`optim` with its steps resolved for the kind that runs (what training reads)."""
+        return Optim(**{**self.optim.model_dump(), "steps": self.train_steps})
+
     @model_validator(mode="after")
     def _heads(self) -> Prior:
+        if self.optim.steps is None and self.kind not in self.steps_by_kind:
+            raise ValueError(
+                f"steps_by_kind: no entry for kind {self.kind!r} while optim.steps is null; "
+                f"add `{self.kind}: N` here or set prior.optim.steps"
+            )
         if self.dim % self.heads:
             raise ValueError(f"heads: dim ({self.dim}) must be divisible by heads ({self.heads})")
         lo, hi = self.guidance_interval

@@ -126,7 +126,7 @@ def train(
 
     final, history = fit(
         trained,
-        cfg.optim,
+        cfg.train_optim,
         loss_fn,
         ctx.checkpoint,
         f"prior ({cfg.kind})",
@@ -190,7 +190,7 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             sampling=sampling,
             formulation=settings,
         )
-        write_json(metrics_path, {"kind": cfg.kind, **metrics})
+        write_json(metrics_path, {"kind": cfg.kind, "train_steps": cfg.train_steps, **metrics})
         viz.write_curve(history, plots / "loss.csv")
         grid_img = viz.class_grid(images, cfg.samples_per_class, num_classes)
         viz.save_png(grid_img, plots / "samples.png")
