@@ -216,3 +216,49 @@ def test_mps_is_a_device_where_torch_has_it(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(ParamsError, match=r"base\.device is 'mps'.*'cpu'"):
         runtime.pick_device("mps")
+
+
+STAGE_COMMAND = (
+    "import runpy, sys\n"
+    "sys.argv = ['flows.stage', *sys.argv[1:]]\n"
+    "try:\n"
+    "    runpy.run_module('flows.stage', run_name='__main__')\n"
+    "except SystemExit as e:\n"
+    "    print('exit', e.code, 'torch' in sys.modules)\n"
+)
+
+
+def _stage_command(tmp_path, warm_socket: str) -> subprocess.CompletedProcess:
+    """`python -m flows.stage prepare bad.yaml` as a pipeline task's `dvc repro` runs it."""
+    (tmp_path / "bad.yaml").write_text("base: {seed: not-a-number}\n")
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}",
+        stage.PIPELINE_TASK_ENV: "repro --single-item prepare",
+        "GENPIPE_WARM_SOCKET": warm_socket,
+    }
+    return subprocess.run(
+        [sys.executable, "-c", STAGE_COMMAND, "prepare", "bad.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_pipeline_stage_commands_run_in_the_warm_process(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("PYTHONPATH", f"{REPO / 'src'}{os.pathsep}{REPO}")
+    with pipeline.warm_stages():
+        warm = os.environ["GENPIPE_WARM_SOCKET"]
+        out = _stage_command(tmp_path, warm)
+    # the stage ran (its params refused, exit 2, in the command's own stderr and folder)
+    # in a child of the warm process: the command itself never imported torch
+    assert out.stdout.strip().endswith("exit 2 False"), out.stdout + out.stderr[-2000:]
+    assert "genpipe prepare: error:" in out.stderr and "base.seed" in out.stderr
+    assert "GENPIPE_WARM_SOCKET" not in os.environ
+    # without a warm process the command runs the stage itself, as before
+    alone = _stage_command(tmp_path, warm)
+    assert alone.stdout.strip().endswith("exit 2 True"), alone.stdout + alone.stderr[-2000:]
+    assert "base.seed" in alone.stderr
