@@ -152,7 +152,8 @@ def warm_stages(ready_s: float = 120.0) -> Iterator[None]:
         return
     folder = tempfile.mkdtemp(prefix="genpipe-warm-")
     path = os.path.join(folder, "socket")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.warm", path])
+    # its own session: a Ctrl-C reaches a stage once, through the stage command (flows.warm)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.warm", path], start_new_session=True)
     deadline = time.monotonic() + ready_s
     while not os.path.exists(path) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -45,8 +45,8 @@ def preload() -> None:
 
 def _child(request: dict[str, Any], fds: list[int]) -> int:
     """In the forked child: become the stage command (its folder, environment, output)."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stage.main installs its own
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C unwinds, as in a process
     os.dup2(fds[0], 1)
     os.dup2(fds[1], 2)
     for fd in fds:
@@ -90,16 +90,23 @@ def _read_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
 
 
 def serve(path: str) -> None:
-    """Fork a child per request on the socket at `path` until SIGTERM."""
+    """Fork a child per request on the socket at `path` until SIGTERM, or until the process
+    that started it (the pipeline) is gone."""
+    parent = os.getppid()
     preload()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path + ".tmp")
     server.listen()
+    server.settimeout(1.0)
     os.rename(path + ".tmp", path)  # ready: the path appears only once it accepts
     try:
-        while True:
-            conn, _ = server.accept()
+        while os.getppid() == parent:
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(None)
             try:
                 request, fds = _read_request(conn)
             except (OSError, ValueError):
@@ -145,7 +152,7 @@ def run_warm(argv: list[str]) -> int | None:
     with conn, conn.makefile("r") as answers:
         socket.send_fds(conn, [request.encode()], [1, 2])
         pid = int(answers.readline())
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT):  # the child is in another session
             signal.signal(sig, lambda num, _frame: os.kill(pid, num))
         code = answers.readline()
     return int(code) if code.strip() else 1  # the warm process died under it
