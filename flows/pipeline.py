@@ -17,7 +17,10 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from graphlib import TopologicalSorter
@@ -27,6 +30,7 @@ from typing import Any
 import yaml
 
 from flows.stage import PIPELINE_TASK_ENV, is_transient, retry_transient
+from flows.warm import WARM_ENV
 from genpipe import lineage
 from genpipe.cli import HelpFormatter
 from genpipe.prefect_server import local_server
@@ -138,6 +142,35 @@ def run_dvc(*args: str) -> str:
     return out
 
 
+@contextlib.contextmanager
+def warm_stages(ready_s: float = 120.0) -> Iterator[None]:
+    """The stage commands of the `dvc repro` runs started inside run as children of one
+    warm process (flows.warm), which imported torch and MLflow once. If it is not ready
+    within `ready_s` (or dies), each command runs by itself, as it would without it."""
+    if os.environ.get(WARM_ENV):
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="genpipe-warm-")
+    path = os.path.join(folder, "socket")
+    # its own session: a Ctrl-C reaches a stage once, through the stage command (flows.warm)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.warm", path], start_new_session=True)
+    deadline = time.monotonic() + ready_s
+    while not os.path.exists(path) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.environ[WARM_ENV] = path
+    try:
+        yield
+    finally:
+        os.environ.pop(WARM_ENV, None)
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def repro_stage(name: str) -> dict[str, Any]:
     """Run one stage through DVC; report whether it ran, was up to date or came from cache."""
     start = time.perf_counter()
@@ -223,7 +256,7 @@ def build_flows() -> tuple[Any, Any]:
 
     @flow(name="pipeline")
     def pipeline() -> list[dict[str, Any]]:
-        with mlflow_parent():
+        with mlflow_parent(), warm_stages():
             return [stage_task.with_options(name=name)(name) for name in stage_order()]
 
     @flow(name="retrain_and_promote", timeout_seconds=TIMEOUT_S)

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ from flows import pipeline, stage
 from genpipe import cli, prefect_server, runtime, training
 from genpipe.config import ParamsError, parse_params
 from genpipe.stages import STAGES
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_repo, git, run
+from tests.tiny import write_tiny_params
 
 # Prints without flushing, a progress bar redrawn with carriage returns, and pauses between.
 FAKE_STAGE = """
@@ -216,3 +218,82 @@ def test_mps_is_a_device_where_torch_has_it(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(ParamsError, match=r"base\.device is 'mps'.*'cpu'"):
         runtime.pick_device("mps")
+
+
+STAGE_COMMAND = (
+    "import runpy, sys\n"
+    "sys.argv = ['flows.stage', *sys.argv[1:]]\n"
+    "try:\n"
+    "    runpy.run_module('flows.stage', run_name='__main__')\n"
+    "except SystemExit as e:\n"
+    "    print('exit', e.code, 'torch' in sys.modules)\n"
+)
+
+
+def _stage_command(tmp_path, warm_socket: str) -> subprocess.CompletedProcess:
+    """`python -m flows.stage prepare bad.yaml` as a pipeline task's `dvc repro` runs it."""
+    (tmp_path / "bad.yaml").write_text("base: {seed: not-a-number}\n")
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}",
+        stage.PIPELINE_TASK_ENV: "repro --single-item prepare",
+        "GENPIPE_WARM_SOCKET": warm_socket,
+    }
+    return subprocess.run(
+        [sys.executable, "-c", STAGE_COMMAND, "prepare", "bad.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_pipeline_stage_commands_run_in_the_warm_process(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("PYTHONPATH", f"{REPO / 'src'}{os.pathsep}{REPO}")
+    with pipeline.warm_stages():
+        warm = os.environ["GENPIPE_WARM_SOCKET"]
+        out = _stage_command(tmp_path, warm)
+    # the stage ran (its params refused, exit 2, in the command's own stderr and folder)
+    # in a child of the warm process: the command itself never imported torch
+    assert out.stdout.strip().endswith("exit 2 False"), out.stdout + out.stderr[-2000:]
+    assert "genpipe prepare: error:" in out.stderr and "base.seed" in out.stderr
+    assert "GENPIPE_WARM_SOCKET" not in os.environ
+    # without a warm process the command runs the stage itself, as before
+    alone = _stage_command(tmp_path, warm)
+    assert alone.stdout.strip().endswith("exit 2 True"), alone.stdout + alone.stderr[-2000:]
+    assert "base.seed" in alone.stderr
+
+
+def _tiny_copies(tmp_path: Path) -> tuple[Path, Path]:
+    """Two clones of one commit of the project with tiny params, their data in place (the
+    register stage records the commit, so both must share it)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    copy_repo(first)
+    write_tiny_params(first)
+    git(first, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "tiny params")
+    git(tmp_path, "clone", "-q", str(first), str(second))
+    for repo in (first, second):
+        run(["genpipe", "data", "ensure"], repo, {"MLFLOW_TRACKING_URI": None})
+    return first, second
+
+
+def _run_cache(repo: Path) -> list[str]:
+    runs = repo / ".dvc" / "cache" / "runs"
+    return sorted(str(p.relative_to(runs)) for p in runs.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_warm_pipeline_leaves_the_lock_and_run_cache_of_a_plain_dvc_repro(tmp_path, prefect_home):
+    env = {"MLFLOW_TRACKING_URI": None}
+    warm, plain = _tiny_copies(tmp_path)
+    rows = run(["python", "-m", "flows.pipeline"], warm, env).strip().splitlines()[-len(STAGES) :]
+    assert [row.split()[1] for row in rows] == ["ran"] * len(STAGES)
+    run(["dvc", "repro"], plain, env)
+    # the same stages, deps, params and output md5s, and the same run-cache entries
+    locks = [yaml.safe_load((r / "dvc.lock").read_text()) for r in (warm, plain)]
+    assert locks[0] == locks[1]
+    assert _run_cache(warm) == _run_cache(plain) != []
+    assert "up to date" in run(["dvc", "status"], warm, env)
