@@ -107,10 +107,13 @@ def run_flow(name: str, params_path: str) -> None:
         return
     with shared_server() as api_url:
         os.environ["PREFECT_API_URL"] = api_url  # before Prefect reads its settings
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        try:
+            from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        with temporary_settings({PREFECT_API_URL: api_url}):
-            stage_flow(name)(params_path)
+            with temporary_settings({PREFECT_API_URL: api_url}):
+                stage_flow(name)(params_path)
+        finally:  # the shared server stops when idle: nothing after this may still point at it
+            os.environ.pop("PREFECT_API_URL", None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,6 +45,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from genpipe.prefect_server import local_server
 
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
+    os.environ.pop("PREFECT_API_URL", None)  # a server of our own, never one a test left set
     with local_server() as url:
         yield url
 

@@ -129,9 +129,7 @@ def test_flow_runs_on_rank_0_only(monkeypatch, tmp_path):
     calls: list[str] = []
     monkeypatch.setattr(flow_stage, "check_reachable", lambda: None)
     monkeypatch.setattr(flow_stage, "run_stage", lambda name, params: calls.append(f"run {name}"))
-    monkeypatch.setattr(
-        flow_stage, "stage_flow", lambda name: lambda path: calls.append(f"flow {name}")
-    )
+    monkeypatch.setattr(flow_stage, "run_flow", lambda name, path: calls.append(f"flow {name}"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
     params_path = str(tmp_path / "params.yaml")
     for rank in ("1", "0"):

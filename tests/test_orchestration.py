@@ -297,3 +297,23 @@ def test_warm_pipeline_leaves_the_lock_and_run_cache_of_a_plain_dvc_repro(tmp_pa
     assert locks[0] == locks[1]
     assert _run_cache(warm) == _run_cache(plain) != []
     assert "up to date" in run(["dvc", "status"], warm, env)
+
+
+def test_a_stage_flow_leaves_no_pointer_to_the_shared_server(monkeypatch):
+    """The shared server stops when idle: a process that ran a stage must not keep
+    PREFECT_API_URL pointing at it (a later flow in that process would find it dead)."""
+    import contextlib
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    seen = []
+
+    @contextlib.contextmanager
+    def fake_server():
+        yield "http://127.0.0.1:9/api"
+
+    monkeypatch.setattr(prefect_server, "shared_server", fake_server)
+    monkeypatch.setattr(
+        stage, "stage_flow", lambda name: lambda path: seen.append(os.environ["PREFECT_API_URL"])
+    )
+    stage.run_flow("prepare", "params.yaml")
+    assert seen == ["http://127.0.0.1:9/api"] and "PREFECT_API_URL" not in os.environ
