@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,8 +177,11 @@ def test_champion_loads_as_pyfunc_and_audits(pipeline, server):
 
 def test_two_racing_registers_move_champion_exactly_once(pipeline, server):
     repo, env = pipeline
-    other = repo.with_name("racer")  # a second checkout: its promotion file lock is its own
-    shutil.copytree(repo, other, symlinks=True, ignore=shutil.ignore_patterns("locks"))
+    # a second checkout (its promotion file lock is its own), one per store parameter
+    other = Path(tempfile.mkdtemp(prefix="racer-", dir=repo.parent))
+    shutil.copytree(
+        repo, other, symlinks=True, ignore=shutil.ignore_patterns("locks"), dirs_exist_ok=True
+    )
     client(server).delete_registered_model_alias(MODEL, "champion")  # both will want it
     before = set(versions(server))
     procs = [register(here, env) for here in (repo, other)]
