@@ -88,8 +88,8 @@ def main() -> None:
     per_class = params.evaluate.samples_per_class
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     test_x, _ = load_split("test", args.root / PREPARED)
-    train_x, train_y = load_split("train", args.root / PREPARED)
-    floor_x = floor_sample(train_x, train_y, per_class, seed)
+    val_x, val_y = load_split("val", args.root / PREPARED)
+    floor_x, _ = floor_sample(val_x, val_y, per_class, seed)  # evaluate's floor images
     extractor = evaluation.FeatureExtractor(evaluator)
     floor = evaluation.fid(extractor, test_x, floor_x)
     real_f = evaluation.features(extractor, test_x)

@@ -43,10 +43,10 @@ def main() -> None:
     params = load_params(root / "params.yaml")
     cfg, seed = params.evaluate, params.base.seed
     test_x, _ = load_split("test", root / artifacts.PREPARED)
-    train_x, train_y = load_split("train", root / artifacts.PREPARED)
-    num_classes = int(train_y.max()) + 1
+    val_x, val_y = load_split("val", root / artifacts.PREPARED)
+    num_classes = int(val_y.max()) + 1
     evaluator = load_judge(root, "evaluator", num_classes)
-    floor_x = evaluation.floor_sample(train_x, train_y, cfg.samples_per_class, seed)
+    floor_x, _ = evaluation.floor_sample(val_x, val_y, cfg.samples_per_class, seed)  # as evaluate
     gen = load_generator(root / artifacts.TOKENIZER_FILE, root / args.prior / artifacts.PRIOR_FILE)
     recorded = dict(gen.sampling)
     print(f"{gen.kind} prior; recorded sampling {recorded}")

@@ -71,13 +71,15 @@ class Judge:
         self.evaluator = load_judge(root, "evaluator", num_classes)
         self.extractor = FeatureExtractor(self.evaluator)
         self.test_x, _ = load_split("test", root / artifacts.PREPARED)
-        self.train_x, self.train_y = load_split("train", root / artifacts.PREPARED)
+        self.val_x, self.val_y = load_split("val", root / artifacts.PREPARED)
         self.num_classes = num_classes
         self.floors: dict[int, float] = {}
 
     def floor(self, per_class: int) -> float:
         if per_class not in self.floors:
-            real = floor_sample(self.train_x, self.train_y, per_class, EVAL_SEED)
+            # evaluate's floor images; the ratio here is of all samples (not at equal N), which
+            # is enough to compare runs of this bench with one another
+            real, _ = floor_sample(self.val_x, self.val_y, per_class, EVAL_SEED)
             self.floors[per_class] = fid(self.extractor, self.test_x, real)
         return self.floors[per_class]
 
