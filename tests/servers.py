@@ -41,6 +41,15 @@ class Service:
         self.health = url + health
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Service]:
+        """Started for the block and stopped after it, even when the block fails."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
     def start(self, timeout: float = START_TIMEOUT_S) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -115,12 +124,9 @@ def moto_s3(log: Path, bucket: str) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     cmd = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
     service = Service("moto_server", cmd, url, "/moto-api/", log, S3_ENV)
-    service.start()
-    try:
+    with service.running():
         boto3.client("s3", endpoint_url=url, **_boto_credentials()).create_bucket(Bucket=bucket)
         yield url
-    finally:
-        service.stop()
 
 
 def _boto_credentials() -> dict[str, str]:

@@ -46,11 +46,8 @@ def tracking(s3, tmp_path_factory) -> Iterator[servers.Service]:
         folder / "server.log",
         {**ENV, "MLFLOW_S3_ENDPOINT_URL": endpoint},
     )
-    service.start()
-    try:
+    with service.running():
         yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture(scope="module")

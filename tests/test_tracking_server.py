@@ -44,11 +44,8 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[str]:
 def server(backend: str, tmp_path_factory) -> Iterator[servers.Service]:
     folder = tmp_path_factory.mktemp("server")
     service = servers.mlflow_server(backend, str(folder / "artifacts"), folder / "server.log")
-    service.start()
-    try:
+    with service.running():
         yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture(scope="module")
