@@ -2,10 +2,12 @@
 replica, trains on its shard of each global batch, and the gradients are averaged.
 
 Each step's global batch is the same function of (seed, step) as on one process; rank r
-takes rows r, r+N, r+2N... of it (RL: whole groups), and the gradients are averaged with one
-all_reduce per step, so N processes follow the single-process run up to floating-point
-summation order. The averaging is done here rather than by nn.parallel.DistributedDataParallel,
-whose hooks only see `forward`: prior kinds train through other methods (their `loss`).
+takes rows r, r+N, r+2N... of it, and the gradients are averaged with one all_reduce per
+step, so N processes follow the single-process run up to floating-point summation order.
+RL takes whole groups instead, each with its own noise (`group_generators`) and its own
+gradient, summed in global group order (`sum_group_gradients`): the single process's bytes.
+The averaging is done here rather than by nn.parallel.DistributedDataParallel, whose hooks
+only see `forward`: prior kinds train through other methods (their `loss`).
 BatchNorm statistics are taken over the global batch (`sync_batchnorm`), and `gather_rows`
 puts a global batch back together where a loss needs all of it (SimCLR's negatives).
 Per-sample noise comes from per-rank forks of the shared seeded streams (`rank_streams`).
@@ -74,6 +76,46 @@ class World:
         groups = torch.stack([p.view(-1, group_size, *p.shape[1:]) for p in parts], dim=1)
         # (groups per rank, ranks, G, ...) -> global group order
         return groups.flatten(0, 2).to(shard.device)
+
+    def group_generators(self, generator: torch.Generator, groups: int) -> list[torch.Generator]:
+        """A generator for each group this rank samples (global groups rank, rank+N, ...),
+        seeded by one draw from the shared `generator` and the group's global index: group g
+        draws the same noise whichever rank samples it, and every rank's shared stream moves
+        on by the same one draw (so a checkpoint of it resumes every rank)."""
+        if groups % self.size:
+            raise ValueError(
+                f"{groups} groups per step (finetune.prompts_per_step) must be divisible "
+                f"by the {self.size} processes"
+            )
+        seed = int(torch.randint(2**62, (1,), generator=generator))
+        return [
+            torch.Generator(generator.device).manual_seed(_fork(seed, g))
+            for g in range(self.rank, groups, self.size)
+        ]
+
+    def sum_group_gradients(
+        self, params: Sequence[nn.Parameter], grads: Sequence[Sequence[torch.Tensor | None]]
+    ) -> None:
+        """Set each parameter's gradient to the sum of every rank's per-group gradients
+        (`grads[i]`: this rank's group i, one entry per parameter, None where unused), added
+        in global group order: the same additions as one process makes, so N processes give
+        its bytes. Costs an all_gather of every group's gradient (groups x parameters), where
+        averaging would cost one all_reduce of the parameters: RL's groups are few and its
+        priors small. A gradient missing in every group stays None, as on one process."""
+        rows = []
+        for group in grads:
+            pairs = zip(params, group, strict=True)
+            flat = [p.new_zeros(p.shape) if g is None else g for p, g in pairs]
+            seen = torch.tensor([g is not None for g in group], dtype=flat[0].dtype)
+            rows.append(torch.cat([*(f.flatten() for f in flat), seen.to(flat[0].device)]))
+        every = self.gather_groups(torch.stack(rows), 1)
+        total = every[0]
+        for row in every[1:]:
+            total = total + row
+        offset = 0
+        for p, seen in zip(params, total[-len(params) :].tolist(), strict=True):
+            p.grad = total[offset : offset + p.numel()].view_as(p).clone() if seen else None
+            offset += p.numel()
 
     def _rows(self, n: int, device: torch.device) -> torch.Tensor:
         return torch.arange(self.rank, n, self.size, device=device)

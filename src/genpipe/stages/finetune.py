@@ -78,37 +78,57 @@ def prompts(step: int, cfg: Finetune, num_classes: int, device: torch.device) ->
     return labels.repeat_interleave(cfg.group_size).to(device)
 
 
+def group_loss(
+    policy: Policy, roll: Rollout, adv: torch.Tensor, cfg: Finetune
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clipped surrogate + beta * KL to the prior, clip fraction) of one group's rollout."""
+    logp = policy.log_prob(roll)
+    surrogate, clip_frac = rl.clipped_surrogate(logp, roll.old_logp, adv, cfg.clip_eps)
+    exact = roll.exact_kl is not None  # the policy has `kl` and the params asked for it
+    kl = policy.kl(roll) if exact else rl.kl_k3(logp, roll.ref_logp)  # type: ignore[attr-defined]
+    return surrogate + cfg.beta * kl.mean(), clip_frac
+
+
 def update(
     policy: Policy,
     opt: torch.optim.Optimizer,
-    roll: Rollout,
-    adv: torch.Tensor,
+    rolls: list[Rollout],
+    advs: list[torch.Tensor],
     cfg: Finetune,
     world: World = SINGLE,
 ) -> dict[str, float]:
-    """`inner_iters` steps on the clipped surrogate + beta * k3 KL (gradients averaged over
-    torchrun's ranks); mean loss and clip fraction over every rank."""
-    losses, clips = [], []
+    """`inner_iters` steps on the batch's loss: the mean of its groups' losses (they have the
+    same number of terms, so this is the whole batch's mean). Each group's gradient is taken
+    alone and the sum is added in global group order over torchrun's ranks, so N processes
+    take one process's steps, to the byte. Returns the mean loss and clip fraction."""
+    params = [p for p in policy.net.parameters() if p.requires_grad]
+    stats = []
     for _ in range(cfg.inner_iters):
-        logp = policy.log_prob(roll)
-        surrogate, clip_frac = rl.clipped_surrogate(logp, roll.old_logp, adv, cfg.clip_eps)
-        exact = roll.exact_kl is not None  # the policy has `kl` and the params asked for it
-        kl = policy.kl(roll) if exact else rl.kl_k3(logp, roll.ref_logp)  # type: ignore[attr-defined]
-        loss = surrogate + cfg.beta * kl.mean()
+        grads, per_group = [], []
+        for roll, adv in zip(rolls, advs, strict=True):
+            loss, clip_frac = group_loss(policy, roll, adv, cfg)
+            grads.append(
+                torch.autograd.grad(loss / cfg.prompts_per_step, params, allow_unused=True)
+            )
+            per_group.append(torch.stack([loss.detach().float(), clip_frac.float()]))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        world.average_gradients(policy.net)
+        world.sum_group_gradients(params, grads)
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(policy.net.parameters(), cfg.grad_clip)
         opt.step()
-        losses.append(float(loss.detach()))
-        clips.append(float(clip_frac))
-    return world.mean({"loss": sum(losses) / len(losses), "clip_frac": sum(clips) / len(clips)})
+        stats.append(world.gather_groups(torch.stack(per_group).cpu(), 1).mean(dim=0))
+    loss, clip = torch.stack(stats).mean(dim=0).tolist()
+    return {"loss": loss, "clip_frac": clip}
 
 
 def advantages(rewards: torch.Tensor, cfg: Finetune) -> torch.Tensor:
     """Group advantages as `finetune.advantage` and `finetune.adv_std_floor` say."""
     return rl.group_advantages(rewards, cfg.group_size, cfg.advantage, cfg.adv_std_floor)
+
+
+def gathered(world: World, per_group: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Every rank's per-sample values of a step, in global order (on the CPU)."""
+    return world.gather_groups(torch.cat([t.detach().cpu() for t in per_group]), group_size)
 
 
 def window_mean(rows: list[dict[str, float]], key: str, window: int) -> float:
@@ -144,9 +164,12 @@ def train(
     when that KL passes kl_bound; the weights with the best averaged reward within it are
     kept. Rows whose batch made no update have NaN loss and clip fraction.
 
-    Under torchrun each rank samples whole groups of the step's prompts (`world.shard_groups`)
-    from its fork of the shared stream, so advantages stay within a group; the row's
-    statistics are over every rank's samples, so all ranks take the same decisions."""
+    Each group is sampled, scored and differentiated alone, from its own generator seeded by
+    one draw of `generator` and its index in the step (`World.group_generators`): under
+    torchrun each rank takes whole groups of the step's prompts (`world.shard_groups`), so
+    advantages stay within a group, group g draws the same samples on whichever rank, and a
+    row's statistics are over every rank's samples in global order. N processes therefore
+    give one process's bytes, and every rank takes the same decisions."""
     net = policy.net
     opt = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr)
     history: list[dict[str, float]] = []
@@ -161,19 +184,21 @@ def train(
     group = cfg.group_size
     for step in steps(start, cfg.steps + 1, "finetune", quiet=not world.is_main):
         labels = world.shard_groups(prompts(step, cfg, num_classes, device), group)
-        with world.rank_streams([generator]):
-            roll = policy.rollout(labels, generator)
-        total, parts = reward(roll.images.cpu(), labels.cpu())
-        every = world.gather_groups(total, group)
+        rngs = world.group_generators(generator, cfg.prompts_per_step)
+        rolls = [policy.rollout(y, g) for y, g in zip(labels.split(group), rngs, strict=True)]
+        scored = [reward(r.images.cpu(), r.labels.cpu()) for r in rolls]
+        totals = [total for total, _ in scored]
+        rewards = gathered(world, totals, group)
+        diversity = torch.tensor([rl.group_diversity(r.images, group) for r in rolls])
         row = {
             "step": step,
-            "reward_mean": float(every.mean()),
-            "reward_std": float(every.std()),
-            "kl": float(world.gather_groups(roll.kl_per_sample(), group).mean()),
-            **world.mean({"diversity": rl.group_diversity(roll.images, group)}),
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            "kl": float(gathered(world, [r.kl_per_sample() for r in rolls], group).mean()),
+            "diversity": float(world.gather_groups(diversity, 1).mean()),
             **{
-                f"reward_{name}": float(world.gather_groups(r, group).mean())
-                for name, r in parts.items()
+                f"reward_{name}": float(gathered(world, [p[name] for _, p in scored], group).mean())
+                for name in scored[0][1]
             },
         }
         recent = [*history[-cfg.rail_window :], row]
@@ -192,7 +217,8 @@ def train(
             history.append(row)
             curves.emit(row)
             break
-        row.update(update(policy, opt, roll, advantages(total, cfg), cfg, world))
+        advs = [advantages(total, cfg) for total in totals]
+        row.update(update(policy, opt, rolls, advs, cfg, world))
         history.append(row)
         curves.emit(row)
         if checkpoint is not None:
