@@ -1,12 +1,14 @@
-"""Run by tests/test_ddp.py under `torchrun --nproc_per_node 2` (argument: a tiny pipeline's
-root): checks that need both ranks, reported on rank 0's stdout.
+"""Run by tests/test_ddp.py under `torchrun --nproc_per_node 2` (arguments: see `main`):
+checks that need both ranks, reported on rank 0's stdout.
 
 Each stage's training, on two ranks, against the same training on one process at the same
 global batch (every rank also runs that reference itself, as a single process would: same
-seed, no process group), one torchrun start for all of them."""
+seed, no process group). finetune's RL (`rl`, on tiny random priors) is compared to the byte,
+the other stages within TOL."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import sys
@@ -17,19 +19,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from genpipe import artifacts
+from genpipe import artifacts, distributed
 from genpipe.artifacts.codes import load_codes
-from genpipe.artifacts.generator import load_generator
-from genpipe.artifacts.judges import judge_arch, load_judge
+from genpipe.artifacts.judges import judge_arch
 from genpipe.artifacts.tokenizer import load_tokenizer
-from genpipe.config import Params, load_params, parse_params
+from genpipe.config import Finetune, Params, load_params, parse_params
 from genpipe.data.prepared import load_split
-from genpipe.distributed import SINGLE
+from genpipe.distributed import SINGLE, World
 from genpipe.models.priors import prior_kind
 from genpipe.models.priors.base import CodeSpace
-from genpipe.rewards import RewardContext, build_reward
+from genpipe.rewards import WeightedReward
+from genpipe.rl import Rollout
+from genpipe.runtime import seed_everything
 from genpipe.spec import StageContext, StageSpec
 from genpipe.stages import finetune, judges, pretrain, prior, tokenizer
+from tests.test_rl import CLASSES, brightness, tiny_generator
 from tests.tiny import merge
 
 STEPS, EVERY, STOP = 8, 3, 4  # checkpoint after steps 3 and 6; stopped during step 5
@@ -159,42 +163,69 @@ def resume(root: Path) -> None:
         print("resume: same bytes on every rank")
 
 
-def rl(root: Path) -> None:
-    params = load_params(root / "params.yaml")
-    cfg = params.finetune.model_copy(update={"steps": 2, "prompts_per_step": 4, "group_size": 4})
-    gen = load_generator(root / artifacts.TOKENIZER_FILE, root / artifacts.PRIOR / "prior.pt")
-    num_classes = int(gen.prior.num_classes)
-    judge = load_judge(root, "reward", num_classes)
-    reward = build_reward(cfg.rewards, {}, RewardContext(judge, cfg.confidence_cap), root)
-    gen = gen.requires_grad_(False)
+def _finetune(kind: str, world: World) -> tuple[bytes, str, list[torch.Tensor]]:
+    """(weights, history, labels of each rollout) of finetune.train with `world`'s ranks on a
+    tiny prior of `kind`, freshly seeded."""
+    gen = tiny_generator(kind).requires_grad_(False)
     gen.prior.requires_grad_(True)
-    policy, _ = finetune.make_policy(gen, cfg)
-    seen: list[torch.Tensor] = []
-    rollout = policy.rollout
+    policy, _ = finetune.make_policy(gen, RL)
+    rollout, seen = policy.rollout, []
 
-    def recorded(labels: torch.Tensor, generator: torch.Generator):
+    def recorded(labels: torch.Tensor, generator: torch.Generator) -> Rollout:
         seen.append(labels.clone())
         return rollout(labels, generator)
 
     policy.rollout = recorded  # type: ignore[method-assign]
-    ctx = finetune.SPEC.start(params, root / "rl_run", 0, deps=())
-    result = finetune.train(policy, reward, cfg, num_classes, ctx.generator, None, ctx.world)
-    assert result.steps_run == 2
-    for step, labels in enumerate(seen):
-        groups = labels.view(-1, cfg.group_size)
-        assert (groups == groups[:, :1]).all(), f"step {step}: a group straddles ranks"
-        every: list[list[int]] = [[] for _ in range(dist.get_world_size())]
-        dist.all_gather_object(every, groups[:, 0].tolist())
-        expected = finetune.prompts(step, cfg, num_classes, torch.device("cpu"))
-        firsts = sorted(sum(every, []))
-        assert firsts == sorted(expected.view(-1, cfg.group_size)[:, 0].tolist()), step
-    assert _same_on_every_rank(_bytes(policy.net)), "RL replicas diverged"
-    if dist.get_rank() == 0:
-        print("rl: whole groups, identical weights")
+    generator = seed_everything(0)
+    reward = WeightedReward({"brightness": 1.0}, {"brightness": brightness})
+    result = finetune.train(policy, reward, RL, CLASSES, generator, None, world)
+    assert result.steps_run == RL.steps
+    return _bytes(policy.net), repr(result.history), seen
+
+
+# lr high enough that every step moves the weights (a rank's wrong draw would show)
+RL = Finetune(steps=3, prompts_per_step=4, group_size=4, inner_iters=2, lr=1e-2, kl_bound=1e6)
+
+
+def rl(root: Path) -> None:
+    """finetune.train on two ranks against one process at the same global batch (4 groups
+    of 4), for an ar and a diffusion prior: the same weights and history, to the byte; each
+    rank samples whole groups of every step's prompts."""
+    world = distributed.init()
+    for kind in ("ar", "diffusion"):
+        one, one_history, _ = _finetune(kind, SINGLE)
+        two, two_history, seen = _finetune(kind, world)
+        assert two == one, f"finetune {kind}: 2 processes give other weights than 1"
+        assert two_history == one_history, f"finetune {kind}: 2 processes log another history"
+        assert _same_on_every_rank(two), f"finetune {kind}: RL replicas diverged"
+        per_rank = RL.prompts_per_step // world.size
+        for step in range(RL.steps + 1):
+            labels = seen[step * per_rank : (step + 1) * per_rank]
+            assert all(len(y) == RL.group_size and (y == y[0]).all() for y in labels), step
+            every: list[list[int]] = [[] for _ in range(world.size)]
+            dist.all_gather_object(every, [int(y[0]) for y in labels])
+            expected = finetune.prompts(step, RL, CLASSES, torch.device("cpu"))
+            firsts = sorted(sum(every, []))
+            assert firsts == sorted(expected.view(-1, RL.group_size)[:, 0].tolist()), step
+        if world.is_main:
+            print(f"finetune {kind}: 2 processes vs 1, same bytes; whole groups per rank")
+
+
+def main(argv: list[str]) -> None:
+    """`[--pipeline ROOT] CHECK...`: stages needs a tiny pipeline's root (up to the prior)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pipeline", type=Path)
+    parser.add_argument("checks", nargs="+", choices=("stages", "resume", "rl"))
+    args = parser.parse_args(argv)
+    root = Path.cwd()
+    for name in args.checks:
+        if name == "stages":
+            stages(args.pipeline, root)
+        elif name == "resume":
+            resume(root)
+        else:
+            rl(root)
 
 
 if __name__ == "__main__":
-    pipeline = Path(sys.argv[1])
-    stages(pipeline, Path.cwd())
-    resume(Path.cwd())
-    rl(pipeline)
+    main(sys.argv[1:])

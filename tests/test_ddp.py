@@ -35,6 +35,7 @@ from genpipe.stages import run_stage
 from tests.tiny import merge
 
 REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "ddp_worker.py"
 TINY = yaml.safe_load((REPO / "presets" / "tiny.yaml").read_text())
 # What each stage reads from the stages before it, shared by every run below.
 INPUTS = {
@@ -175,10 +176,18 @@ def test_every_stage_trains_alike_on_two_processes_and_resumes(upstream, tmp_pat
     """tests/ddp_worker.py under two processes: pretrain, both judges, tokenizer and prior
     train to within TOL of one process at the same global batch, both ranks holding the same
     weights; the prior stopped after a checkpoint and resumed ends with the bytes of a run
-    never stopped (dropout on: per-rank streams resume too); RL keeps both ranks' weights
-    identical, each sampling whole groups."""
-    proc = torchrun(tmp_path, str(REPO / "tests" / "ddp_worker.py"), str(upstream))
+    never stopped (dropout on: per-rank streams resume too)."""
+    proc = torchrun(tmp_path, str(WORKER), "--pipeline", str(upstream), "stages", "resume")
     for name in ("pretrain", "judges.reward", "judges.evaluator", "tokenizer", "prior"):
         assert f"{name}: 2 processes vs 1" in proc.stdout, proc.stdout
     assert "resume: same bytes on every rank" in proc.stdout, proc.stdout
-    assert "rl: whole groups, identical weights" in proc.stdout, proc.stdout
+
+
+def test_finetune_on_two_processes_gives_one_process_bytes(tmp_path):
+    """RL on two processes against one at the same global batch (4 groups of 4, 3 steps), for
+    a tiny ar and a tiny diffusion prior: the same weights and history to the byte, each rank
+    sampling whole groups of every step's prompts."""
+    proc = torchrun(tmp_path, str(WORKER), "rl")
+    for kind in ("ar", "diffusion"):
+        line = f"finetune {kind}: 2 processes vs 1, same bytes; whole groups per rank"
+        assert line in proc.stdout, proc.stdout
