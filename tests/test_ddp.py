@@ -1,17 +1,21 @@
 """Data-parallel training under torchrun (gloo, CPU), two processes.
 
-tests/ddp_worker.py (one torchrun start) trains pretrain, both judges, tokenizer and prior on
-two ranks against the same training on one process at the same global batch, resumes under
-DDP, and checks RL's group sharding; here, finetune runs as a stage under torchrun, and the
-pieces (group sharding, per-rank streams, the flow on rank 0) run in one process.
+tests/ddp_worker.py (under torchrun) trains pretrain, both judges, tokenizer and prior on two
+ranks against the same training on one process at the same global batch, resumes under DDP,
+and runs RL (finetune.train) on two ranks against one; here, the stage commands
+(`python -m flows.stage`, the `genpipe` script) run finetune under torchrun against one
+process, and the pieces (group sharding, per-rank streams, the flow on rank 0) run in one
+process.
 
-Tolerance of the 2-vs-1 comparisons: relative L2 distance of all weights at most 1e-3 (the
-worker's TOL). Not bytes: a rank's loss is the mean over its shard, so the averaged gradient
-equals the whole batch's only up to float summation order (~1e-6 relative), and Adam turns
-the sign of a mathematically zero gradient (a bias just before BatchNorm) into a full
-lr-sized step. Per-sample noise (dropout, class dropout) is drawn per rank, from forks of the
-shared streams, so those comparisons switch it off; SimCLR's augmentations are drawn for the
-global batch and stay on. Resume under DDP is compared byte for byte.
+finetune is compared byte for byte: each group draws its own noise and its own gradient, and
+the gradients are added in global group order. The other stages' 2-vs-1 tolerance: relative
+L2 distance of all weights at most 1e-3 (the worker's TOL). Not bytes: a rank's loss is the
+mean over its shard, so the averaged gradient equals the whole batch's only up to float
+summation order (~1e-6 relative), and Adam turns the sign of a mathematically zero gradient
+(a bias just before BatchNorm) into a full lr-sized step. Per-sample noise (dropout, class
+dropout) is drawn per rank, from forks of the shared streams, so those comparisons switch it
+off; SimCLR's augmentations are drawn for the global batch and stay on. Resume under DDP is
+compared byte for byte.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import mlflow
 import pytest
 import torch
 import yaml
@@ -36,7 +42,14 @@ from tests.tiny import merge
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "ddp_worker.py"
+PRIOR = "models/prior/prior.pt"
 TINY = yaml.safe_load((REPO / "presets" / "tiny.yaml").read_text())
+# The upstream models are inputs only (each test trains its own): a few steps will do.
+FEW_STEPS = {
+    "judges": {role: {"optim": {"steps": 8}} for role in ("reward", "evaluator")},
+    "tokenizer": {"optim": {"steps": 8}},
+    "prior": {"optim": {"steps": 8}},
+}
 # What each stage reads from the stages before it, shared by every run below.
 INPUTS = {
     "pretrain": ["data/prepared"],
@@ -51,7 +64,7 @@ def upstream(tmp_path_factory, mlflow_uri) -> Path:
     """The tiny pipeline's outputs up to the prior, made in this process."""
     root = tmp_path_factory.mktemp("ddp_upstream")
     write_raw(load_source("digits"), root / "data/raw")
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
+    (root / "params.yaml").write_text(yaml.safe_dump(merge(TINY, FEW_STEPS)))
     params = load_params(root / "params.yaml")
     with cpu_threads(torch.device("cpu")):
         for stage in ("prepare", "judges", "tokenizer", "tokenize", "prior"):
@@ -102,24 +115,62 @@ def _curve(path: Path) -> list[dict[str, str]]:
     return [dict(zip(keys, line.split(","), strict=True)) for line in lines[1:]]
 
 
-@pytest.mark.slow
-def test_finetune_stage_under_torchrun(upstream, tmp_path):
-    """`genpipe stage finetune` under two processes: RL trains for its steps within the KL
-    rails, rank 0 alone writes and shows progress. Ranks draw their own samples, so the run
-    is not the single process's (the worker test checks group sharding and the replicas)."""
-    two = _root(upstream, tmp_path / "two", "finetune", {"finetune": {"steps": 3}})
-    proc = torchrun(two, "-m", "genpipe.cli", "stage", "finetune")
-    metrics = json.loads((two / "metrics/finetune.json").read_text())
-    assert metrics["steps_run"] == 3
-    rows = _curve(two / "plots/finetune/reward.csv")
-    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
-    assert all(float(r["kl"]) <= float(r["kl_bound"]) for r in rows)
-    before = _weights(upstream / "models/prior/prior.pt")
-    assert _relative(before, _weights(two / "models/finetune/prior.pt")) > 0
-    assert proc.stderr.count("finetune:") == 1  # one progress bar: rank 0's
-    assert not (two / "checkpoints/finetune").exists() or not any(
-        (two / "checkpoints/finetune").iterdir()
+def _outputs(root: Path) -> dict[str, bytes]:
+    """Every file finetune writes, by path."""
+    outs = [root / "models/finetune", root / "plots/finetune", root / "metrics/finetune.json"]
+    files = [f for out in outs for f in ([out] if out.is_file() else sorted(out.rglob("*")))]
+    return {f.relative_to(root).as_posix(): f.read_bytes() for f in files if f.is_file()}
+
+
+def _finetune_root(upstream: Path, base: Path) -> Path:
+    """A project for 3 steps of RL that the upstream's 8-step judge could not guide: a reward
+    of ink (mean pixel), at lr 1e-2, so the weights kept are trained ones."""
+    ink = {"rewards": {"ink": 1.0}, "reward_entry_points": {"ink": "ink_reward:ink"}}
+    finetune = {"steps": 3, "lr": 1e-2, "rail_window": 1, **ink}
+    root = _root(upstream, base, "finetune", {"finetune": finetune})
+    (root / "ink_reward.py").write_text(
+        "def ink(images, labels):\n    return images.flatten(1).mean(1)\n"
     )
+    return root
+
+
+def _runs(root: Path) -> list[Any]:
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, f"tags.`genpipe.root` = '{root.resolve()}'")
+
+
+@pytest.mark.slow
+def test_stage_commands_under_torchrun_give_one_process_outputs(
+    upstream, tmp_path, prefect_api, one_thread
+):
+    """`torchrun --nproc_per_node 2 -m flows.stage finetune` and the `genpipe` console script
+    under torchrun (`--no-python genpipe stage finetune`) exit 0 and write the bytes one
+    process writes (weights, metrics, curves, sample grids); rank 0 alone writes them and
+    logs the one MLflow run (the flow's run, tagged with its Prefect flow run), and shows the
+    one progress bar."""
+    one = _finetune_root(upstream, tmp_path / "one")
+    run_stage("finetune", load_params(one / "params.yaml"), one)
+    expected = _outputs(one)
+    metrics = json.loads(expected["metrics/finetune.json"])
+    assert metrics["steps_run"] == 3 and metrics["best_step"] > 0, metrics
+    assert _weights(one / "models/finetune/prior.pt").ne(_weights(upstream / PRIOR)).any()
+    genpipe = Path(sys.executable).parent / "genpipe"
+    commands = {
+        "flow": ["-m", "flows.stage", "finetune"],
+        "cli": ["--no-python", str(genpipe), "stage", "finetune"],
+    }
+    for name, command in commands.items():
+        root = _finetune_root(upstream, tmp_path / name)
+        proc = torchrun(root, *command, env={"PREFECT_API_URL": prefect_api})
+        assert _outputs(root) == expected, name
+        runs = _runs(root)
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED", name
+        assert ("prefect.flow_run_id" in runs[0].data.tags) == (name == "flow")
+        assert proc.stderr.count("finetune:") == 1, name  # one progress bar: rank 0's
+        assert not (root / "checkpoints/finetune").exists() or not any(
+            (root / "checkpoints/finetune").iterdir()
+        )
 
 
 def test_flow_runs_on_rank_0_only(monkeypatch, tmp_path):
