@@ -88,6 +88,7 @@ def _child(request: dict[str, Any], fds: list[int]) -> int:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    sys.argv = request["sys_argv"]  # what MLflow records as the run's source
     from flows import stage
 
     try:
@@ -243,12 +244,12 @@ def hand_off(path: str, argv: list[str], env: dict[str, str]) -> int | None:
     except OSError:
         conn.close()
         return None
-    request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": env}) + "\n"
+    request = {"argv": argv, "sys_argv": sys.argv, "cwd": os.getcwd(), "env": env}
     sys.stdout.flush()
     sys.stderr.flush()
     with conn, conn.makefile("r") as answers:
         try:
-            socket.send_fds(conn, [request.encode()], [1, 2])
+            socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [1, 2])
             pid = int(answers.readline())
         except (OSError, ValueError):
             return None  # no child was started

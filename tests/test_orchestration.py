@@ -311,6 +311,8 @@ def test_warm_stages_leave_the_lock_and_run_cache_of_cold_ones(tmp_path, prefect
     assert len(stage_runs) == len(STAGES) and top.info.status == "FINISHED"
     assert top.data.tags["genpipe.pipeline"].startswith("dvc:")
     assert {r.data.tags.get("mlflow.parentRunId") for r in stage_runs} == {top.info.run_id}
+    sources = {r.data.tags["mlflow.source.name"] for r in stage_runs}  # as a cold process's
+    assert sources == {str(warm / "flows" / "stage.py")}, sources
 
 
 def test_a_stage_flow_leaves_no_pointer_to_the_shared_server(monkeypatch):
