@@ -202,8 +202,8 @@ def _close(server: socket.socket, path: str, inode: int) -> None:
 def serve(path: str, done: Callable[[float], bool], prefect: bool = False) -> None:
     """Fork a child per request on the socket at `path` until SIGTERM, or until `done(idle)`
     says so while no child runs (`idle`: seconds since the last one ended)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds: the socket is removed
     preload(prefect)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = f"{path}.{os.getpid()}"
     server.bind(tmp)

@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -162,6 +163,7 @@ def run(argv: list[str], env: dict[str, str]) -> int | None:
 def serve(sock: str, digest: str, idle_s: float) -> None:
     """The detached side of `run`: serve until idle for `idle_s`, or until the code or the
     packages change; exits at once if they changed before it looked."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds: its files are removed
     before = snapshot()
     if key(dict(os.environ)) != digest:
         return

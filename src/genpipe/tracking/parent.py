@@ -61,8 +61,10 @@ def _alive(owner_tag: str) -> bool:
     try:
         proc = psutil.Process(int(pid))
         return proc.status() != psutil.STATUS_ZOMBIE and f"{proc.create_time():.2f}" == started
-    except psutil.Error:
+    except psutil.NoSuchProcess:  # a zombie too
         return False
+    except psutil.Error:  # not ours to look at: it exists
+        return True
 
 
 def _dvc_process() -> Any | None:
