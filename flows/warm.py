@@ -54,9 +54,9 @@ def usable() -> bool:
     )
 
 
-def preload(prefect: bool = False) -> None:
+def preload(with_prefect: bool = False) -> None:
     """What every stage process imports, and the MLflow SQL store's modules (~1 s of its
-    set-up); with `prefect`, what a stage flow imports too. Nothing that opens a file, a
+    set-up); with `with_prefect`, what a stage flow imports too. Nothing that opens a file, a
     connection or a thread a child would share."""
     import mlflow  # noqa: F401
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
@@ -68,7 +68,7 @@ def preload(prefect: bool = False) -> None:
 
     for name in STAGES:
         load(name)
-    if prefect:
+    if with_prefect:
         import prefect.runtime.flow_run  # noqa: F401
         from prefect import flow, task  # noqa: F401
 
@@ -110,7 +110,7 @@ def _wait(conn: socket.socket, pid: int) -> int:
     except (AttributeError, OSError):  # no pidfd (Linux < 5.3): wait without watching
         return os.waitpid(pid, 0)[1]
     try:
-        ready, _, _ = select.select([conn, pidfd], [], [])
+        ready, _, _ = select.select([conn.fileno(), pidfd], [], [])
         if pidfd not in ready:  # the command hung up before the child ended
             os.kill(pid, signal.SIGTERM)
             if not select.select([pidfd], [], [], GRACE_S)[0]:
@@ -199,11 +199,11 @@ def _close(server: socket.socket, path: str, inode: int) -> None:
     server.close()
 
 
-def serve(path: str, done: Callable[[float], bool], prefect: bool = False) -> None:
+def serve(path: str, done: Callable[[float], bool], with_prefect: bool = False) -> None:
     """Fork a child per request on the socket at `path` until SIGTERM, or until `done(idle)`
     says so while no child runs (`idle`: seconds since the last one ended)."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds: the socket is removed
-    preload(prefect)
+    preload(with_prefect)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = f"{path}.{os.getpid()}"
     server.bind(tmp)

@@ -172,7 +172,7 @@ def serve(sock: str, digest: str, idle_s: float) -> None:
     state.write_text(json.dumps({"pid": os.getpid(), "root": root(), "cwd": os.getcwd()}))
     failed = True
     try:
-        warm.serve(sock, lambda idle: idle >= idle_s or snapshot() != before, prefect=True)
+        warm.serve(sock, lambda idle: idle >= idle_s or snapshot() != before, with_prefect=True)
         failed = False
     except SystemExit:  # SIGTERM
         failed = False
