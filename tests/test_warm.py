@@ -131,11 +131,11 @@ def test_warm_is_off_when_switched_off_under_torchrun_or_off_linux(monkeypatch):
 
 
 def test_stage_commands_share_one_warm_process_that_exits_when_idle(checkout):
-    first = stage_command(checkout, **{warm_shared.IDLE_ENV: "4"})
+    first = stage_command(checkout, **{warm_shared.IDLE_ENV: "10"})
     assert first[0] == WARM_EXIT, first
     assert "base.seed" in first[1] and "genpipe prepare: error:" in first[1]
     ((started, key),) = warm_processes(checkout).items()
-    second = stage_command(checkout, **{warm_shared.IDLE_ENV: "4"})
+    second = stage_command(checkout, **{warm_shared.IDLE_ENV: "10"})
     assert second[0] == WARM_EXIT and "base.seed" in second[1], second
     assert list(warm_processes(checkout)) == [started]  # the same one served it
     # switched off: the command runs the stage itself, and the warm process is not asked
