@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from flows.stage import PIPELINE_TASK_ENV, is_transient, retry_transient
-from flows.warm import WARM_ENV
+from flows.warm import WARM_ENV, usable
 from genpipe import lineage
 from genpipe.cli import HelpFormatter
 from genpipe.prefect_server import local_server
@@ -147,7 +147,7 @@ def warm_stages(ready_s: float = 120.0) -> Iterator[None]:
     """The stage commands of the `dvc repro` runs started inside run as children of one
     warm process (flows.warm), which imported torch and MLflow once. If it is not ready
     within `ready_s` (or dies), each command runs by itself, as it would without it."""
-    if os.environ.get(WARM_ENV):
+    if os.environ.get(WARM_ENV) or not usable():
         yield
         return
     folder = tempfile.mkdtemp(prefix="genpipe-warm-")
@@ -223,6 +223,7 @@ def summary_markdown(
 def mlflow_parent() -> Iterator[None]:
     """The stage runs this flow starts (each in a `dvc repro` process) nest under one MLflow
     parent run keyed and tagged by this flow run; inside another flow, the outer one's."""
+    import psutil
     from prefect.runtime import flow_run
 
     if os.environ.get(parent.PIPELINE_ENV):
@@ -232,6 +233,7 @@ def mlflow_parent() -> Iterator[None]:
         "prefect.flow_run_id": str(flow_run.id),
         "prefect.flow_run_name": str(flow_run.name),
         "prefect.flow_name": str(flow_run.flow_name),
+        parent.OWNER_TAG: parent.owner(psutil.Process()),  # its parent is stale once it is gone
     }
     name = f"{flow_run.flow_name} {flow_run.name}"
     os.environ[parent.PIPELINE_ENV] = parent.describe(f"prefect:{flow_run.id}", name, tags)

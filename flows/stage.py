@@ -8,10 +8,12 @@ with backoff; bad input is not. `retry_transient` is the one retry rule of every
 
 Where it runs decides how much Prefect it needs: under the `pipeline` flow (which sets
 PIPELINE_TASK_ENV) the stage is already a Prefect task there, which retries it and shows
-its output, so the stage runs without a second flow (and without importing Prefect), in a
-child of the pipeline's warm process (flows.warm) when there is one; with
+its output, so the stage runs without a second flow (and without importing Prefect); with
 PREFECT_API_URL set it is a flow on that server; under a plain `dvc repro` it is a flow on
 the shared local server (genpipe.prefect_server.shared_server), not a temporary one each.
+Either way the command usually runs it in a child of a warm process that imported torch,
+MLflow and Prefect once (flows.warm): the pipeline's, or under a plain `dvc repro` the
+checkout's.
 Under `torchrun` rank 0 runs the flow and the other ranks run the stage alongside it,
 without a flow (or a Prefect server) of their own.
 """
@@ -119,11 +121,6 @@ def run_flow(name: str, params_path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Validate, then run the stage (as a flow unless a pipeline task already is one)."""
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if os.environ.get(PIPELINE_TASK_ENV) and "RANK" not in os.environ:
-        from flows.warm import run_warm
-
-        if (code := run_warm([args.name, args.params])) is not None:
-            raise SystemExit(code)  # the stage ran in a child of the pipeline's warm process
     from genpipe.runtime import stop_on_sigterm  # torch: after a `--help` has answered
 
     stop_on_sigterm()
@@ -141,5 +138,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
+def command(argv: list[str]) -> None:
+    """`python -m flows.stage`: in a child of a warm process when one can serve it
+    (flows.warm), else here."""
+    args = parser().parse_args(argv)  # `--help` and a bad name answer here, without torch
+    from flows.warm import run_warm
+
+    if (code := run_warm([args.name, args.params])) is not None:
+        raise SystemExit(code)
+    main(argv)
+
+
 if __name__ == "__main__":
-    main()
+    command(sys.argv[1:])

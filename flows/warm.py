@@ -1,16 +1,26 @@
-"""A warm process that forks the stage commands of a `make repro` run, so torch, MLflow and
-the stage modules (~3 CPU s a process) are imported once per pipeline, not once per stage.
+"""Warm processes that fork stage commands, so torch, MLflow, Prefect and the stage modules
+(~3-4 CPU s a process) are imported once, not once per stage.
 
-DVC still runs every stage: `dvc repro --single-item` decides what is stale, restores from
-its run cache, writes dvc.lock and the run cache, exactly as before. Only the command it
-starts is cheaper: `python -m flows.stage NAME` sees `WARM_ENV` (set by flows.pipeline for
-its `dvc repro` processes) and, before importing torch, hands its arguments, working folder,
-environment and stdout/stderr to this process, which forks a child that runs the stage as
-the stage process would have (`flows.stage.main`). The command exits with the child's code,
-and a SIGTERM to the command reaches the child. Each stage still runs in a fresh process
-(forked before any stage ran), so one stage's state never leaks into the next.
+DVC still runs every stage: it decides what is stale, restores from its run cache, writes
+dvc.lock and the run cache, exactly as before. Only the command it starts is cheaper:
+`python -m flows.stage NAME`, before importing torch, hands its arguments, working folder,
+environment and stdout/stderr to a warm process, which forks a child that runs the stage as
+the stage process would have (`flows.stage.main`). The command exits with the child's code;
+a SIGTERM or Ctrl-C to the command reaches the child, and if the command dies (SIGKILL
+included) the child is stopped. Each stage still runs in a fresh process forked before any
+stage ran, so one stage's state never leaks into the next.
 
-    python -m flows.warm SOCKET     # started and stopped by flows.pipeline.warm_stages
+Two warm processes serve this way:
+- a pipeline's (`make repro`): `WARM_ENV` names its socket; started and stopped by
+  flows.pipeline.warm_stages, it exits with the pipeline;
+- a checkout's (a plain `dvc repro`, `dvc exp run`): started detached by the first stage
+  command DVC runs, shared by the later ones of the same checkout, code and environment,
+  gone when idle or when the code changes (flows.warm_shared).
+
+`GENPIPE_WARM=0` turns both off. Neither is used under `torchrun` (its ranks are processes
+of their own) or off Linux (forking a process that imported torch is unsafe on macOS).
+
+    python -m flows.warm SOCKET     # a pipeline's, started by flows.pipeline.warm_stages
 """
 
 from __future__ import annotations
@@ -18,19 +28,36 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import sys
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 WARM_ENV = "GENPIPE_WARM_SOCKET"  # the warm process's socket, for the stages of one pipeline
+SWITCH_ENV = "GENPIPE_WARM"  # "0": every stage command runs by itself
+RANK_ENVS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")  # set by torchrun for each rank
 MAX_REQUEST = 1 << 20
+GRACE_S = 30.0  # a stage whose command died gets this long to unwind after SIGTERM
 
 
-def preload() -> None:
+def usable() -> bool:
+    """Whether stage commands may run in a warm process here and now."""
+    return (
+        os.environ.get(SWITCH_ENV, "1") != "0"
+        and not any(k in os.environ for k in RANK_ENVS)
+        and sys.platform.startswith("linux")
+        and hasattr(os, "fork")
+    )
+
+
+def preload(with_prefect: bool = False) -> None:
     """What every stage process imports, and the MLflow SQL store's modules (~1 s of its
-    set-up); nothing that opens a file, a connection or a thread a child would share."""
+    set-up); with `with_prefect`, what a stage flow imports too. Nothing that opens a file, a
+    connection or a thread a child would share."""
     import mlflow  # noqa: F401
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     import torch  # noqa: F401
@@ -41,6 +68,11 @@ def preload() -> None:
 
     for name in STAGES:
         load(name)
+    if with_prefect:
+        import prefect.runtime.flow_run  # noqa: F401
+        from prefect import flow, task  # noqa: F401
+
+        import genpipe.prefect_server  # noqa: F401
 
 
 def _child(request: dict[str, Any], fds: list[int]) -> int:
@@ -56,27 +88,49 @@ def _child(request: dict[str, Any], fds: list[int]) -> int:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    sys.argv = request["sys_argv"]  # what MLflow records as the run's source
     from flows import stage
 
     try:
         stage.main(request["argv"])
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:  # noqa: BLE001 - printed as the stage process would, then exit 1
+    except BaseException as exc:  # noqa: BLE001 - printed as the stage process would
         sys.excepthook(*sys.exc_info())
-        return 1
+        return 130 if isinstance(exc, KeyboardInterrupt) else 1  # Ctrl-C/SIGTERM as a shell
     return 0
 
 
-def _reap(conn: socket.socket, pid: int) -> None:
+def _wait(conn: socket.socket, pid: int) -> int:
+    """The child's exit status. If the command that asked for it goes away first (its end
+    of `conn` closes: killed, SIGKILL included, so it forwarded nothing), the child is
+    stopped as DVC would stop a stage: SIGTERM, then SIGKILL after GRACE_S."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd (Linux < 5.3): wait without watching
+        return os.waitpid(pid, 0)[1]
+    try:
+        ready, _, _ = select.select([conn.fileno(), pidfd], [], [])
+        if pidfd not in ready:  # the command hung up before the child ended
+            os.kill(pid, signal.SIGTERM)
+            if not select.select([pidfd], [], [], GRACE_S)[0]:
+                os.kill(pid, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
+    return os.waitpid(pid, 0)[1]
+
+
+def _reap(conn: socket.socket, pid: int, ended: Callable[[], None]) -> None:
     """Tell the command its child's pid, then its exit code."""
-    with conn:
-        with contextlib.suppress(OSError):  # the command went away (killed)
-            conn.sendall(f"{pid}\n".encode())
-        _, status = os.waitpid(pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        with contextlib.suppress(OSError):
-            conn.sendall(f"{128 - code if code < 0 else code}\n".encode())
+    try:
+        with conn:
+            with contextlib.suppress(OSError):  # the command went away (killed)
+                conn.sendall(f"{pid}\n".encode())
+            code = os.waitstatus_to_exitcode(_wait(conn, pid))
+            with contextlib.suppress(OSError):
+                conn.sendall(f"{128 - code if code < 0 else code}\n".encode())
+    finally:
+        ended()
 
 
 def _read_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
@@ -89,19 +143,80 @@ def _read_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     return json.loads(data), list(fds)
 
 
-def serve(path: str) -> None:
-    """Fork a child per request on the socket at `path` until SIGTERM, or until the process
-    that started it (the pipeline) is gone."""
-    parent = os.getppid()
-    preload()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+class _Children:
+    """How many children run, and since when none has."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+        self.idle_since = time.monotonic()
+
+    def started(self) -> None:
+        with self.lock:
+            self.running += 1
+
+    def ended(self) -> None:
+        with self.lock:
+            self.running -= 1
+            self.idle_since = time.monotonic()
+
+    def idle_s(self) -> float | None:
+        """Seconds since the last child ended; None while one runs."""
+        with self.lock:
+            return None if self.running else time.monotonic() - self.idle_since
+
+
+def _fork(request: dict[str, Any], fds: list[int], close: list[socket.socket]) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        for sock in close:
+            sock.close()
+        code = 1
+        try:
+            code = _child(request, fds)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    for fd in fds:
+        os.close(fd)
+    return pid
+
+
+def _close(server: socket.socket, path: str, inode: int) -> None:
+    """Stop listening: the path first (only if it is still ours), so a command either finds
+    no socket and starts another warm process, or connected before and sees this one hang up
+    before naming a child (and tries again)."""
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    server.setblocking(False)
+    with contextlib.suppress(OSError):
+        while True:
+            server.accept()[0].close()
+    server.close()
+
+
+def serve(path: str, done: Callable[[float], bool], with_prefect: bool = False) -> None:
+    """Fork a child per request on the socket at `path` until SIGTERM, or until `done(idle)`
+    says so while no child runs (`idle`: seconds since the last one ended)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds: the socket is removed
+    preload(with_prefect)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path + ".tmp")
+    tmp = f"{path}.{os.getpid()}"
+    server.bind(tmp)
     server.listen()
     server.settimeout(1.0)
-    os.rename(path + ".tmp", path)  # ready: the path appears only once it accepts
+    inode = os.stat(tmp).st_ino
+    os.rename(tmp, path)  # ready: the path appears only once it accepts
+    children = _Children()
     try:
-        while os.getppid() == parent:
+        while True:
+            idle = children.idle_s()
+            if idle is not None and done(idle):
+                return
             try:
                 conn, _ = server.accept()
             except TimeoutError:
@@ -112,51 +227,58 @@ def serve(path: str) -> None:
             except (OSError, ValueError):
                 conn.close()
                 continue
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                server.close()
-                conn.close()
-                code = 1
-                try:
-                    code = _child(request, fds)
-                finally:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(code)
-            for fd in fds:
-                os.close(fd)
-            threading.Thread(target=_reap, args=(conn, pid), daemon=True).start()
+            children.started()
+            pid = _fork(request, fds, [server, conn])
+            threading.Thread(target=_reap, args=(conn, pid, children.ended), daemon=True).start()
     finally:
-        server.close()
-        os.unlink(path)
+        _close(server, path, inode)
 
 
-def run_warm(argv: list[str]) -> int | None:
-    """In a stage command: run it in a child of the warm process; its exit code, or None
-    when there is no warm process to ask (the command then runs by itself, as before)."""
-    path = os.environ.get(WARM_ENV)
-    if not path:
-        return None
+def hand_off(path: str, argv: list[str], env: dict[str, str]) -> int | None:
+    """Run the stage command `argv` in a child of the warm process at `path`: its exit
+    code, or None when that process cannot (none listens, or it hung up before starting a
+    child, e.g. exiting when idle), so the caller may start one or run the stage itself."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(path)
     except OSError:
         conn.close()
         return None
-    env = {k: v for k, v in os.environ.items() if k != WARM_ENV}
-    request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": env}) + "\n"
+    request = {"argv": argv, "sys_argv": sys.argv, "cwd": os.getcwd(), "env": env}
     sys.stdout.flush()
     sys.stderr.flush()
     with conn, conn.makefile("r") as answers:
-        socket.send_fds(conn, [request.encode()], [1, 2])
-        pid = int(answers.readline())
+        try:
+            socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [1, 2])
+            pid = int(answers.readline())
+        except (OSError, ValueError):
+            return None  # no child was started
         for sig in (signal.SIGTERM, signal.SIGINT):  # the child is in another session
             signal.signal(sig, lambda num, _frame: os.kill(pid, num))
         code = answers.readline()
     return int(code) if code.strip() else 1  # the warm process died under it
 
 
+def run_warm(argv: list[str]) -> int | None:
+    """In a stage command: run it in a child of a warm process; its exit code, or None when
+    none can serve it (the command then runs by itself, as before)."""
+    if not usable():
+        return None
+    env = dict(os.environ)
+    if path := env.pop(WARM_ENV, None):  # a pipeline's
+        return hand_off(path, argv, env)
+    if env.get("DVC_STAGE"):  # started by a plain `dvc repro`: the checkout's
+        from flows import warm_shared
+
+        return warm_shared.run(argv, env)
+    return None
+
+
+def serve_pipeline(path: str) -> None:
+    """A pipeline's warm process: serves until the pipeline (its parent) is gone."""
+    parent = os.getppid()
+    serve(path, lambda _idle: os.getppid() != parent)
+
+
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    serve_pipeline(sys.argv[1])

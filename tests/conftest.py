@@ -14,6 +14,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# The warm process a test's `dvc repro` starts (flows.warm_shared) serves only that test's
+# checkout: let it go soon after the test's last stage, not a minute later.
+os.environ.setdefault("GENPIPE_WARM_IDLE_S", "15")
 
 
 @pytest.fixture

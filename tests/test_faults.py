@@ -21,7 +21,7 @@ from genpipe.config import parse_params
 from genpipe.data.raw import write_raw
 from genpipe.data.sources import load_source
 from genpipe.stages import finetune, prepare
-from genpipe.tracking import store
+from genpipe.tracking import parent, store
 from genpipe.tracking import write as tracking
 from tests.conftest import BIN, REPO
 
@@ -43,16 +43,17 @@ def workdir(tmp_path, monkeypatch, mlflow_uri):
 
 # -- 2. stale runs, SIGTERM and errors of `genpipe stage` --
 
+KILLED_STAGE = (  # a stage's run, its process killed outright while it runs
+    "import os, signal; from pathlib import Path; from genpipe.config import "
+    "parse_params; from genpipe.tracking.write import stage_run\n"
+    "with stage_run('prepare', parse_params({}), (), [], Path('.')) as run:\n"
+    "    print(run.run_id, flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+)
+
 
 def test_run_left_running_by_sigkill_is_marked_killed_by_the_next_run(workdir):
     killed = subprocess.run(
-        [
-            *PYTHON,
-            "import os, signal; from pathlib import Path; from genpipe.config import "
-            "parse_params; from genpipe.tracking.write import stage_run\n"
-            "with stage_run('prepare', parse_params({}), (), [], Path('.')) as run:\n"
-            "    print(run.run_id, flush=True); os.kill(os.getpid(), signal.SIGKILL)",
-        ],
+        [*PYTHON, KILLED_STAGE],
         cwd=workdir,
         env=child_env(),
         capture_output=True,
@@ -72,6 +73,43 @@ def test_run_left_running_by_sigkill_is_marked_killed_by_the_next_run(workdir):
     assert stale.info.status == "KILLED"
     assert "marked KILLED" in stale.data.tags[tracking.STALE_TAG]
     assert client.get_run(other).info.status == "RUNNING"  # another checkout's: not ours
+
+
+def test_pipeline_parent_left_running_by_a_killed_stage_is_marked_killed(workdir, monkeypatch):
+    """A stage of a `dvc repro` killed outright leaves its pipeline's parent run RUNNING; the
+    next stage run in the checkout marks it KILLED once the DVC process is gone (here a
+    stand-in), and leaves a live pipeline's parent alone."""
+    import psutil
+
+    dvc = subprocess.Popen(["sleep", "120"])
+    try:
+        owner = parent.owner(psutil.Process(dvc.pid))
+        group = parent.describe(f"dvc:{owner}", "dvc repro", {parent.OWNER_TAG: owner})
+        killed = subprocess.run(
+            [*PYTHON, KILLED_STAGE],
+            cwd=workdir,
+            env=child_env(**{parent.PIPELINE_ENV: group}),
+            capture_output=True,
+            text=True,
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        client = store.client()
+        (top,) = client.search_runs(
+            [client.get_experiment_by_name(store.EXPERIMENT).experiment_id],
+            f"tags.`{parent.KEY_TAG}` = 'dvc:{owner}' and tags.`{parent.PARENT_TAG}` = 'true'",
+        )
+        assert top.info.status == "RUNNING"
+        monkeypatch.delenv(parent.PIPELINE_ENV, raising=False)
+        monkeypatch.delenv("DVC_STAGE", raising=False)
+        prepare.run(parse_params({}), workdir)  # its DVC process lives: it may go on
+        assert client.get_run(top.info.run_id).info.status == "RUNNING"
+    finally:
+        dvc.kill()
+        dvc.wait()
+    prepare.run(parse_params({}), workdir)
+    after = client.get_run(top.info.run_id)
+    assert after.info.status == "KILLED"
+    assert "a stage was killed" in after.data.tags[tracking.STALE_TAG]
 
 
 def test_genpipe_stage_unwinds_on_sigterm(workdir):

@@ -266,18 +266,19 @@ def test_pipeline_stage_commands_run_in_the_warm_process(tmp_path, monkeypatch):
     assert "base.seed" in alone.stderr
 
 
-def _tiny_copies(tmp_path: Path) -> tuple[Path, Path]:
-    """Two clones of one commit of the project with tiny params, their data in place (the
-    register stage records the commit, so both must share it)."""
-    first, second = tmp_path / "first", tmp_path / "second"
+def _tiny_copies(tmp_path: Path, names: list[str]) -> list[Path]:
+    """Clones of one commit of the project with tiny params, their data in place (the
+    register stage records the commit, so all must share it)."""
+    first, *others = (tmp_path / name for name in names)
     first.mkdir()
     copy_repo(first)
     write_tiny_params(first)
     git(first, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "tiny params")
-    git(tmp_path, "clone", "-q", str(first), str(second))
-    for repo in (first, second):
+    for repo in others:
+        git(tmp_path, "clone", "-q", str(first), str(repo))
+    for repo in (first, *others):
         run(["genpipe", "data", "ensure"], repo, {"MLFLOW_TRACKING_URI": None})
-    return first, second
+    return [first, *others]
 
 
 def _run_cache(repo: Path) -> list[str]:
@@ -286,17 +287,32 @@ def _run_cache(repo: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_warm_pipeline_leaves_the_lock_and_run_cache_of_a_plain_dvc_repro(tmp_path, prefect_home):
+def test_warm_stages_leave_the_lock_and_run_cache_of_cold_ones(tmp_path, prefect_home):
+    """`make repro` (its pipeline's warm process), a plain `dvc repro` (the checkout's warm
+    process) and a plain `dvc repro` with GENPIPE_WARM=0 (every stage its own process)."""
     env = {"MLFLOW_TRACKING_URI": None}
-    warm, plain = _tiny_copies(tmp_path)
-    rows = run(["python", "-m", "flows.pipeline"], warm, env).strip().splitlines()[-len(STAGES) :]
-    assert [row.split()[1] for row in rows] == ["ran"] * len(STAGES)
-    run(["dvc", "repro"], plain, env)
+    piped, warm, cold = _tiny_copies(tmp_path, ["piped", "warm", "cold"])
+    rows = run(["python", "-m", "flows.pipeline"], piped, env).strip().splitlines()
+    assert [row.split()[1] for row in rows[-len(STAGES) :]] == ["ran"] * len(STAGES)
+    run(["dvc", "repro"], warm, env)
+    run(["dvc", "repro"], cold, {**env, "GENPIPE_WARM": "0"})
     # the same stages, deps, params and output md5s, and the same run-cache entries
-    locks = [yaml.safe_load((r / "dvc.lock").read_text()) for r in (warm, plain)]
-    assert locks[0] == locks[1]
-    assert _run_cache(warm) == _run_cache(plain) != []
+    locks = [yaml.safe_load((r / "dvc.lock").read_text()) for r in (piped, warm, cold)]
+    assert locks[0] == locks[1] == locks[2]
+    assert _run_cache(piped) == _run_cache(warm) == _run_cache(cold) != []
     assert "up to date" in run(["dvc", "status"], warm, env)
+    # the warm process's children still found their DVC process: one parent run, finished
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{warm / 'mlflow.db'}")
+    found = client.search_runs([client.get_experiment_by_name("genpipe").experiment_id])
+    stage_runs = [r for r in found if "dvc.stage" in r.data.tags]
+    (top,) = [r for r in found if r.data.tags.get("genpipe.parent") == "true"]
+    assert len(stage_runs) == len(STAGES) and top.info.status == "FINISHED"
+    assert top.data.tags["genpipe.pipeline"].startswith("dvc:")
+    assert {r.data.tags.get("mlflow.parentRunId") for r in stage_runs} == {top.info.run_id}
+    sources = {r.data.tags["mlflow.source.name"] for r in stage_runs}  # as a cold process's
+    assert sources == {str(warm / "flows" / "stage.py")}, sources
 
 
 def test_a_stage_flow_leaves_no_pointer_to_the_shared_server(monkeypatch):

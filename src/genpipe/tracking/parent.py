@@ -10,7 +10,10 @@ one pipeline run shares:
 
 Every run of the group, parent and stages, carries the tag `genpipe.pipeline` = key, so
 `tags."genpipe.pipeline" = '<key>'` (or `tags."dvc.exp_name" = 'name'`) finds all of it.
-The parent is RUNNING while one of its stages runs and ends as its last stage did.
+The parent is RUNNING while one of its stages runs and ends as its last stage did. A stage
+killed outright (SIGKILL) cannot end it: the next stage run in the checkout marks such a
+parent KILLED, tagged `genpipe.stale`, once the process that owned its group (tag
+`genpipe.owner`: the DVC process, or the pipeline flow's) is gone (`close_stale`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from genpipe.tracking import store
 PIPELINE_ENV = "GENPIPE_PIPELINE"  # JSON {"key", "name", "tags"}: a flow's pipeline run
 KEY_TAG = "genpipe.pipeline"
 PARENT_TAG = "genpipe.parent"  # "true" on the parent only: its stages share KEY_TAG
+OWNER_TAG = "genpipe.owner"  # host:pid:start time of the process the group lives in
 SHELLS = {"sh", "bash", "dash", "zsh", "fish", "ksh"}  # what DVC runs a stage command in
 
 
@@ -40,6 +44,27 @@ class Pipeline:
 def describe(key: str, name: str, tags: dict[str, str]) -> str:
     """The `GENPIPE_PIPELINE` value that makes the stages a flow starts one group."""
     return json.dumps({"key": key, "name": name, "tags": tags})
+
+
+def owner(proc: Any) -> str:
+    """The OWNER_TAG of a psutil process: the start time tells a reused pid apart."""
+    return f"{socket.gethostname()}:{proc.pid}:{proc.create_time():.2f}"
+
+
+def _alive(owner_tag: str) -> bool:
+    """Whether the owner is still running; True for another host's (it cannot be told)."""
+    import psutil
+
+    host, pid, started = owner_tag.rsplit(":", 2)
+    if host != socket.gethostname():
+        return True
+    try:
+        proc = psutil.Process(int(pid))
+        return proc.status() != psutil.STATUS_ZOMBIE and f"{proc.create_time():.2f}" == started
+    except psutil.NoSuchProcess:  # a zombie too
+        return False
+    except psutil.Error:  # not ours to look at: it exists
+        return True
 
 
 def _dvc_process() -> Any | None:
@@ -66,8 +91,8 @@ def current() -> Pipeline | None:
         found = json.loads(given)
         return Pipeline(found["key"], found["name"], {**tags, **found["tags"]})
     if os.environ.get("DVC_STAGE") and (dvc := _dvc_process()) is not None:
-        key = f"dvc:{socket.gethostname()}:{dvc.pid}:{dvc.create_time():.2f}"
-        return Pipeline(key, exp or "dvc repro", tags)
+        key = f"dvc:{owner(dvc)}"
+        return Pipeline(key, exp or "dvc repro", {**tags, OWNER_TAG: owner(dvc)})
     return None
 
 
@@ -99,3 +124,29 @@ def open_run(mlflow: Any, pipeline: Pipeline, tags: dict[str, str]) -> str:
 def close_run(mlflow: Any, run_id: str, status: str) -> None:
     """End the parent as the stage that just ended (a later stage opens it again)."""
     mlflow.MlflowClient().set_terminated(run_id, status=status)
+
+
+def close_stale(mlflow: Any, root: str) -> list[str]:
+    """Mark KILLED, tagged `genpipe.stale` with why, every parent run of this checkout left
+    RUNNING by a group whose owner process is gone: a stage of it was killed outright and
+    no later stage of the group will end it. A live owner's parent is left alone (its next
+    stage ends it); so is one made before parents had owners."""
+    stale = [
+        run
+        for run in mlflow.search_runs(
+            filter_string=f"tags.`{PARENT_TAG}` = 'true' and tags.`genpipe.root` = "
+            f"{_quote(root)} and attributes.status = 'RUNNING'",
+            output_format="list",
+        )
+        if (found := run.data.tags.get(OWNER_TAG)) and not _alive(found)
+    ]
+    client = mlflow.MlflowClient()
+    for run in stale:
+        client.set_tag(
+            run.info.run_id,
+            store.STALE_TAG,
+            f"still RUNNING when a later stage run started (pid {os.getpid()}) and its owner "
+            f"{run.data.tags[OWNER_TAG]} was gone: a stage was killed; marked KILLED",
+        )
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return [run.info.run_id for run in stale]

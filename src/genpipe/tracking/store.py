@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from genpipe import locks
 
 EXPERIMENT = os.environ.get("GENPIPE_EXPERIMENT", "genpipe")
+STALE_TAG = "genpipe.stale"  # why a run left RUNNING by a killed process was marked KILLED
 REACH_TIMEOUT_S = 3.0  # one bounded check at a stage's start; retries belong mid-run only
 _CREDENTIALS = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/\s@]+@")
 MODEL_PACKAGES = ("torch", "numpy", "pandas")  # what loading a model imports

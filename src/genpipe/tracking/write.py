@@ -16,8 +16,8 @@ import numpy as np
 from genpipe import lineage
 from genpipe.config import Params
 from genpipe.tracking import parent, store
+from genpipe.tracking.store import STALE_TAG
 
-STALE_TAG = "genpipe.stale"
 FLOW_RUN_ENV = "GENPIPE_FLOW_RUN_ID"  # the Prefect flow run of this stage (flows/stage.py)
 log = logging.getLogger(__name__)
 
@@ -178,13 +178,15 @@ def stage_run(
     runs that made them (`find_producer`) become tags. After the body, each out's md5 is a
     tag `out.<path>` and a sidecar (genpipe.lineage), and the md5 of every file of `outs` is
     logged as `lineage/outputs.json`: what an audit re-run must reproduce byte for byte.
-    The run ends FAILED if the body raises; runs of this stage left RUNNING by a killed
-    process are marked KILLED first (`close_stale`). It records system metrics, and nests
+    The run ends FAILED if the body raises; runs of this stage, and pipeline parents of
+    this checkout, left RUNNING by a killed process are marked KILLED first (`close_stale`,
+    `parent.close_stale`). It records system metrics, and nests
     under its pipeline's parent run when it is one stage of a pipeline run (tracking.parent).
     """
     root = (root or Path.cwd()).resolve()
     mlflow = store.mlflow()
     close_stale(mlflow, stage, root)
+    parent.close_stale(mlflow, str(root))
     git = lineage.git_info(root)
     dep_md5 = {str(d): lineage.dvc_md5(root / d) for d in deps if (root / d).exists()}
     upstream = dict(
