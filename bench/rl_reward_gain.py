@@ -65,17 +65,26 @@ def measure(
     }
 
 
-def tilt(rewards: torch.Tensor, labels: torch.Tensor, lam: float) -> tuple[float, float]:
-    """(mean reward, KL to the samples) of the samples reweighted by exp(lam * reward) within
-    each class, the classes keeping their shares (RL's groups never trade one for another)."""
-    mean = kl = 0.0
+def tilt_weights(rewards: torch.Tensor, labels: torch.Tensor, lam: float) -> torch.Tensor:
+    """Weights (N,), summing to 1, of the samples reweighted by exp(lam * reward) within each
+    class, every class keeping an equal share (RL's groups never trade one for another)."""
+    w = torch.zeros(len(rewards), dtype=torch.float64)
     classes = labels.unique()
     for c in classes:
-        r = rewards[labels == c].double()
-        w = torch.softmax(lam * r, 0)
-        mean += float((w * r).sum()) / len(classes)
-        kl += float((w * (w * len(r)).log()).sum()) / len(classes)
-    return mean, kl
+        mask = labels == c
+        w[mask] = torch.softmax(lam * rewards[mask].double(), 0) / len(classes)
+    return w
+
+
+def tilt(rewards: torch.Tensor, labels: torch.Tensor, lam: float) -> tuple[float, float]:
+    """(mean reward, KL to the samples) of the per-class tilt `tilt_weights(..., lam)`; the KL
+    is the mean over classes of each class's KL to its equally weighted samples."""
+    w = tilt_weights(rewards, labels, lam)
+    classes = labels.unique()
+    counts = (labels[:, None] == classes[None]).sum(0)[torch.searchsorted(classes, labels)]
+    uniform = 1.0 / (len(classes) * counts.double())
+    kl = torch.where(w > 0, w * (w / uniform).log(), torch.zeros_like(w)).sum()
+    return float((w * rewards.double()).sum()), float(kl)
 
 
 def solve_tilt(rewards: torch.Tensor, labels: torch.Tensor, key: int, target: float) -> float:
