@@ -60,6 +60,7 @@ USER_REWARDS = (
     "smooth",
     "crisp",
 )
+BUILTIN_REWARDS = ("class_confidence", "class_confidence_uncapped", "compressibility")
 FID_BAR, CONSISTENCY_BAR = 1.2, 0.02  # the reward-gain bar's hacking check
 
 
@@ -159,7 +160,7 @@ def candidates(judge: torch.nn.Module, cap: float) -> dict[str, Callable[..., to
     return found
 
 
-def report(root: Path, per_class: int, gain: float, draws: int) -> None:
+def report(root: Path, per_class: int, gain: float, draws: int, only: list[str]) -> None:
     """Print the headroom table of one pipeline's prior (ROOT as bench/rl_reward_gain.py)."""
     params = load_params(root / "params.yaml")
     seed = params.base.seed
@@ -187,6 +188,8 @@ def report(root: Path, per_class: int, gain: float, draws: int) -> None:
         "ESS | consistency | FID ratio raw | FID ratio corrected ± sd | best gain within bar |"
     )
     for name, fn in candidates(judges["reward"], params.finetune.confidence_cap).items():
+        if only and name not in only:
+            continue
         r = fn(images, labels).double()
         mean, std = float(r.mean()), float(r.std())
         if std == 0:
@@ -214,9 +217,12 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=100, help="pre-RL samples per class")
     parser.add_argument("--draws", type=int, default=16, help="reward-blind shuffles per FID")
     parser.add_argument("--gain", type=float, default=2.0, help="the bar, in pre-RL stds")
+    parser.add_argument("--reward", action="append", default=[], help="only these (repeatable)")
     args = parser.parse_args()
+    if unknown := sorted(set(args.reward) - {*BUILTIN_REWARDS, *USER_REWARDS}):
+        parser.error(f"--reward {unknown}: choose from {[*BUILTIN_REWARDS, *USER_REWARDS]}")
     for root in args.root:
-        report(root, args.per_class, args.gain, args.draws)
+        report(root, args.per_class, args.gain, args.draws, args.reward)
 
 
 if __name__ == "__main__":
