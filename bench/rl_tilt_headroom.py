@@ -14,7 +14,11 @@ that alone. The same weights dealt to the samples of each class in a random orde
 permuted within the class: same KL, same effective size, no link to the reward) measure that
 inflation; the corrected FID subtracts it, and is what a fresh sample of the tilted prior as
 large as the pre-RL one would read (the bar's FID ratio compares two such samples), give or
-take the shuffles' spread (printed as ± sd: it grows as the effective size falls).
+take the shuffles' spread (printed as ± sd: it grows as the effective size falls). FID falls
+as N grows, so the corrected ratio is taken at the bar's 1,000 samples: the unweighted FID of
+1,000-sample sets less that of all N samples is added to the tilt's. At 1,000 samples a 2-std
+tilt leaves some 50 effective samples, too few to price it (sd about 0.4x); --per-class 500
+or more (default 100 per class, as the bar's sample) narrows it.
 
 Also printed: the ceiling, the mean over classes of the best sample's reward (no reweighting
 of these samples gets past it; RL could, at a KL past log(samples per class)); the largest
@@ -48,6 +52,7 @@ from genpipe.artifacts.generator import load_generator  # noqa: E402
 from genpipe.artifacts.judges import load_judge  # noqa: E402
 from genpipe.config import load_params  # noqa: E402
 from genpipe.data.prepared import load_split  # noqa: E402
+from genpipe.generator import Generator  # noqa: E402
 
 USER_REWARDS = (
     "clean_background",
@@ -61,19 +66,23 @@ USER_REWARDS = (
     "crisp",
 )
 BUILTIN_REWARDS = ("class_confidence", "class_confidence_uncapped", "compressibility")
+CHUNK = 100  # samples per class per sampling round
 FID_BAR, CONSISTENCY_BAR = 1.2, 0.02  # the reward-gain bar's hacking check
 
 
 @dataclass(frozen=True)
 class Samples:
     """Pre-RL samples as the headroom needs them: labels, whether the evaluator assigns each
-    to its class, evaluator features of the samples and of the test split, unweighted FID."""
+    to its class, evaluator features of the samples and of the test split, their unweighted
+    FID, and the unweighted FID of a sample of the bar's size (FID falls as N grows, so the
+    ratio is taken there, as the bar takes it)."""
 
     labels: torch.Tensor
     correct: torch.Tensor
     fake: torch.Tensor
     real: torch.Tensor
     fid: float
+    fid_bar: float
 
 
 def weighted_gaussian_stats(
@@ -131,8 +140,9 @@ def price(reward: torch.Tensor, s: Samples, gain: float, draws: int, seed: int) 
         "ess": effective_size(w),
         "consistency": float(w @ s.correct),
         "fid_ratio": fid / s.fid,
-        "fid_ratio_corrected": (fid - (float(blind.mean()) - s.fid)) / s.fid,
-        "fid_ratio_sd": float(blind.std()) / s.fid if draws > 1 else math.nan,
+        # the tilt's FID at N samples, moved to the bar's sample size by the unweighted shift
+        "fid_ratio_corrected": (fid - float(blind.mean()) + s.fid_bar) / s.fid_bar,
+        "fid_ratio_sd": float(blind.std()) / s.fid_bar if draws > 1 else math.nan,
     }
 
 
@@ -160,6 +170,21 @@ def candidates(judge: torch.nn.Module, cap: float) -> dict[str, Callable[..., to
     return found
 
 
+def draw(
+    gen: Generator, per_class: int, num_classes: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples as bench/rl_reward_gain.py draws them (its first CHUNK per class are the same
+    ones), in rounds of CHUNK per class with seeds seed, seed + 1, ...: memory stays bounded
+    however many a tight price needs."""
+    images, labels = [], []
+    for i, start in enumerate(range(0, per_class, CHUNK)):
+        n = min(CHUNK, per_class - start)
+        x, y, _ = evaluation.generate(gen, n, num_classes, seed + i)
+        images.append(x)
+        labels.append(y)
+    return torch.cat(images), torch.cat(labels)
+
+
 def report(root: Path, per_class: int, gain: float, draws: int, only: list[str]) -> None:
     """Print the headroom table of one pipeline's prior (ROOT as bench/rl_reward_gain.py)."""
     params = load_params(root / "params.yaml")
@@ -168,7 +193,7 @@ def report(root: Path, per_class: int, gain: float, draws: int, only: list[str])
     gen = gen.requires_grad_(False)
     num_classes = int(gen.prior.num_classes)  # type: ignore[arg-type]
     judges = {role: load_judge(root, role, num_classes) for role in artifacts.JUDGE_ROLES}
-    images, labels, _ = evaluation.generate(gen, per_class, num_classes, seed)
+    images, labels = draw(gen, per_class, num_classes, seed)
     test_x, test_y = load_split("test", root / artifacts.PREPARED)
     with torch.no_grad():
         recon = gen.tokenizer.decode_codes(gen.tokenizer.encode_codes(test_x))
@@ -177,11 +202,15 @@ def report(root: Path, per_class: int, gain: float, draws: int, only: list[str])
     real = evaluation.features(extractor, test_x.clamp(0, 1)).double()
     correct = (evaluation.predictions(judges["evaluator"], images) == labels).double()
     uniform = torch.full((len(labels),), 1 / len(labels), dtype=torch.float64)
-    s = Samples(labels, correct, fake, real, weighted_fid(real, fake, uniform))
+    bar_n = CHUNK * num_classes  # bench/rl_reward_gain.py's sample: 100 per class
+    sets = [fake[i : i + bar_n] for i in range(0, len(fake) - bar_n + 1, bar_n)]
+    fid_bar = sum(evaluation.fid_from_features(real, f) for f in sets) / len(sets)
+    s = Samples(labels, correct, fake, real, weighted_fid(real, fake, uniform), fid_bar)
     cons0 = float(correct.mean())
     print(
-        f"{gen.kind} ({root}): {len(labels)} samples, consistency {cons0:.3f}, FID {s.fid:.3f}"
-        " (KL: nats per sample; ESS: effective sample size; FID ratio: tilted / unweighted)"
+        f"{gen.kind} ({root}): {len(labels)} samples, consistency {cons0:.3f}, FID {s.fid:.3f}, "
+        f"{s.fid_bar:.3f} at {bar_n} (KL: nats per sample; ESS: effective sample size; FID "
+        f"ratio: tilted / unweighted, raw at {len(labels)}, corrected at {bar_n})"
     )
     print(
         f"| kind | reward | pre mean ± std | recon (stds) | ceiling (stds) | KL for +{gain:g} | "

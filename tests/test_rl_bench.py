@@ -107,7 +107,7 @@ def test_blind_shuffles_take_out_the_fid_of_fewer_effective_samples():
     labels = torch.arange(n) % 10
     real, fake = torch.randn(300, d, generator=g), torch.randn(n, d, generator=g) + 0.2
     fid0 = evaluation.fid_from_features(real, fake)
-    s = Samples(labels, torch.ones(n, dtype=torch.float64), fake, real, fid0)
+    s = Samples(labels, torch.ones(n, dtype=torch.float64), fake, real, fid0, fid0)
     blind = price(torch.randn(n, generator=g), s, gain=1.0, draws=16, seed=0)
     assert blind["ess"] < 0.5 * n
     assert blind["fid_ratio"] > 1.15
