@@ -202,7 +202,7 @@ def report(root: Path, per_class: int, gain: float, draws: int, only: list[str])
     real = evaluation.features(extractor, test_x.clamp(0, 1)).double()
     correct = (evaluation.predictions(judges["evaluator"], images) == labels).double()
     uniform = torch.full((len(labels),), 1 / len(labels), dtype=torch.float64)
-    bar_n = CHUNK * num_classes  # bench/rl_reward_gain.py's sample: 100 per class
+    bar_n = min(CHUNK, per_class) * num_classes  # the reward-gain bench: 100 per class
     sets = [fake[i : i + bar_n] for i in range(0, len(fake) - bar_n + 1, bar_n)]
     fid_bar = sum(evaluation.fid_from_features(real, f) for f in sets) / len(sets)
     s = Samples(labels, correct, fake, real, weighted_fid(real, fake, uniform), fid_bar)
