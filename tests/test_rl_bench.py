@@ -18,7 +18,18 @@ from bench.rl_tilt_headroom import (
     weighted_fid,
     weighted_gaussian_stats,
 )
-from bench.rl_user_rewards import RESIDUE_EPS, clean_background, log_clean_background
+from bench.rl_user_rewards import (
+    RESIDUE_EPS,
+    centred,
+    clean_background,
+    crisp,
+    ink,
+    log_clean_background,
+    size,
+    smooth,
+    thin,
+    upright,
+)
 from genpipe import evaluation
 
 
@@ -122,3 +133,38 @@ def test_shuffle_within_moves_samples_only_inside_their_class():
     index = shuffle_within(labels, torch.Generator().manual_seed(0))
     assert sorted(index.tolist()) == list(range(8))
     assert torch.equal(labels[index], labels)
+
+
+def test_shape_rewards_score_what_they_name():
+    """On 8x8 strokes: a vertical bar is upright, a diagonal one is not; a centred blob is
+    centred, a corner one is not; a bigger square is larger and bolder; a stray dot makes an
+    image less smooth, a blurred edge makes it less crisp."""
+    labels = torch.zeros(2, dtype=torch.long)
+    bars = torch.zeros(2, 1, 8, 8)
+    bars[0, 0, 1:7, 3] = 1.0  # vertical
+    for i in range(1, 7):
+        bars[1, 0, i, i] = 1.0  # diagonal: one column per row
+    up = upright(bars, labels)
+    assert up[0].item() == pytest.approx(0.0, abs=1e-6) and up[1].item() == pytest.approx(-1.0)
+    blobs = torch.zeros(2, 1, 8, 8)
+    blobs[0, 0, 3:5, 3:5] = 1.0
+    blobs[1, 0, 0:2, 0:2] = 1.0
+    c = centred(blobs, labels)
+    assert c[0].item() == pytest.approx(0.0, abs=1e-6) and c[1].item() < -0.3
+    squares = torch.zeros(2, 1, 8, 8)
+    squares[0, 0, 3:5, 3:5] = 1.0
+    squares[1, 0, 1:7, 1:7] = 1.0
+    assert (size(squares, labels).diff() > 0).all() and (ink(squares, labels).diff() > 0).all()
+    assert (thin(squares, labels).diff() < 0).all()
+    edges = torch.zeros(3, 1, 8, 8)
+    edges[:, :, :, 4:] = 1.0
+    edges[1, :, :, 3], edges[1, :, :, 4] = 1 / 3, 2 / 3  # the same step, spread over 3 columns
+    edges[2, :, 2, 1] = 1.0  # the sharp step and a stray dot
+    labels = torch.zeros(3, dtype=torch.long)
+    tv, contrast = smooth(edges, labels), crisp(edges, labels)
+    # one unit step per row over the 8 x 7 horizontal neighbours; a blur is no rougher
+    assert tv[0].item() == pytest.approx(-1 / 7) and tv[1].item() == pytest.approx(-1 / 7)
+    assert tv[2] < tv[0]
+    # every pixel at 0 or 1; the blur's two columns sit a sixth from mid-grey (1/3 rescaled)
+    assert contrast[0].item() == pytest.approx(1.0)
+    assert contrast[1].item() == pytest.approx((6 + 2 / 3) / 8)
