@@ -27,6 +27,7 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +66,35 @@ def measure(
     }
 
 
+def _class_tilts(
+    rewards: torch.Tensor, labels: torch.Tensor, lam: float
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(mask, weights within the class) per class: the class's samples reweighted by
+    exp(lam * reward), summing to 1."""
+    for c in labels.unique():
+        mask = labels == c
+        yield mask, torch.softmax(lam * rewards[mask].double(), 0)
+
+
+def tilt_weights(rewards: torch.Tensor, labels: torch.Tensor, lam: float) -> torch.Tensor:
+    """Weights (N,), summing to 1, of the samples reweighted by exp(lam * reward) within each
+    class, every class keeping an equal share (RL's groups never trade one for another)."""
+    w = torch.zeros(len(rewards), dtype=torch.float64)
+    tilts = list(_class_tilts(rewards, labels, lam))
+    for mask, wc in tilts:
+        w[mask] = wc / len(tilts)
+    return w
+
+
 def tilt(rewards: torch.Tensor, labels: torch.Tensor, lam: float) -> tuple[float, float]:
-    """(mean reward, KL to the samples) of the samples reweighted by exp(lam * reward) within
-    each class, the classes keeping their shares (RL's groups never trade one for another)."""
+    """(mean reward, KL to the samples) of the per-class tilt `tilt_weights(..., lam)`; the KL
+    is the mean over classes of each class's KL to its equally weighted samples (a weight of
+    0 adds 0)."""
     mean = kl = 0.0
-    classes = labels.unique()
-    for c in classes:
-        r = rewards[labels == c].double()
-        w = torch.softmax(lam * r, 0)
-        mean += float((w * r).sum()) / len(classes)
-        kl += float((w * (w * len(r)).log()).sum()) / len(classes)
+    tilts = list(_class_tilts(rewards, labels, lam))
+    for mask, w in tilts:
+        mean += float(w @ rewards[mask].double()) / len(tilts)
+        kl += float(torch.special.xlogy(w, w * len(w)).sum()) / len(tilts)
     return mean, kl
 
 

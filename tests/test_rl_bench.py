@@ -1,5 +1,6 @@
-"""The reward-gain benchmark's yardsticks (bench/rl_reward_gain.py): the ideal KL-regularised
-gain it reports next to RL's, and the user rewards it is run with."""
+"""The reward-gain benchmarks' yardsticks (bench/rl_reward_gain.py, bench/rl_tilt_headroom.py):
+the ideal KL-regularised gain reported next to RL's, the weighted FID that prices it, and the
+user rewards they are run with."""
 
 from __future__ import annotations
 
@@ -9,7 +10,27 @@ import pytest
 import torch
 
 from bench.rl_reward_gain import ideal
-from bench.rl_user_rewards import RESIDUE_EPS, clean_background, log_clean_background
+from bench.rl_tilt_headroom import (
+    Samples,
+    effective_size,
+    price,
+    shuffle_within,
+    weighted_fid,
+    weighted_gaussian_stats,
+)
+from bench.rl_user_rewards import (
+    RESIDUE_EPS,
+    centred,
+    clean_background,
+    crisp,
+    ink,
+    log_clean_background,
+    size,
+    smooth,
+    thin,
+    upright,
+)
+from genpipe import evaluation
 
 
 def test_ideal_tilt_of_a_gaussian_reward_gains_sqrt_2kl_stds():
@@ -53,3 +74,97 @@ def test_log_clean_background_rewards_relative_cleaning():
     assert (lin_r[1] - lin_r[0]) > 9 * (lin_r[3] - lin_r[2])
     spotless = log_clean_background(_with_background(0.0)[None], labels[:1])
     assert spotless.item() == pytest.approx(-math.log(RESIDUE_EPS))  # finite
+
+
+def _whitened(n: int, d: int, g: torch.Generator) -> torch.Tensor:
+    """n points whose sample mean is exactly 0 and unbiased covariance exactly the identity."""
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x = x - x.mean(0)
+    chol = torch.linalg.cholesky(x.t() @ x / (n - 1))
+    return x @ torch.linalg.inv(chol).t()
+
+
+def test_equal_weights_give_the_unweighted_fid():
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(300, 4, generator=g), torch.randn(200, 4, generator=g) + 0.3
+    uniform = torch.full((200,), 1 / 200, dtype=torch.float64)
+    assert weighted_fid(real, fake, uniform) == pytest.approx(
+        evaluation.fid_from_features(real, fake), rel=1e-9
+    )
+
+
+def test_weighted_fid_of_a_tilted_gaussian_is_the_shift_squared():
+    """Samples of N(0, I) weighted by exp(lam x_1) stand for N(lam e_1, I): its Frechet
+    distance to N(0, I) is lam^2 (the means alone), where the unweighted FID is 0."""
+    g = torch.Generator().manual_seed(0)
+    real = _whitened(2_000, 3, g)
+    fake = torch.randn(40_000, 3, generator=g, dtype=torch.float64)
+    lam = 0.8
+    w = torch.softmax(lam * fake[:, 0], 0)
+    mu, cov = weighted_gaussian_stats(fake, w)
+    assert mu.tolist() == pytest.approx([lam, 0, 0], abs=0.03)
+    assert cov.diagonal().tolist() == pytest.approx([1, 1, 1], abs=0.05)
+    assert weighted_fid(real, fake, w) == pytest.approx(lam**2, abs=0.05)
+    assert effective_size(w) == pytest.approx(40_000 * math.exp(-(lam**2)), rel=0.05)
+
+
+def test_blind_shuffles_take_out_the_fid_of_fewer_effective_samples():
+    """A reward unrelated to the features: its tilt leaves the distribution as it was, yet the
+    weighted FID reads higher on fewer effective samples; the reward-blind shuffles of the same
+    weights measure that, so the corrected ratio is about 1 where the raw one is not. A reward
+    that is a feature moves the features, and the corrected ratio sees it."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 1_000, 32
+    labels = torch.arange(n) % 10
+    real, fake = torch.randn(300, d, generator=g), torch.randn(n, d, generator=g) + 0.2
+    fid0 = evaluation.fid_from_features(real, fake)
+    s = Samples(labels, torch.ones(n, dtype=torch.float64), fake, real, fid0, fid0)
+    blind = price(torch.randn(n, generator=g), s, gain=1.0, draws=16, seed=0)
+    assert blind["ess"] < 0.5 * n
+    assert blind["fid_ratio"] > 1.15
+    assert blind["fid_ratio_corrected"] == pytest.approx(1.0, abs=2 * blind["fid_ratio_sd"])
+    seen = price(fake[:, 0].clone(), s, gain=1.0, draws=16, seed=0)
+    assert seen["fid_ratio_corrected"] > blind["fid_ratio_corrected"] + 3 * seen["fid_ratio_sd"]
+    assert seen["consistency"] == pytest.approx(1.0)
+
+
+def test_shuffle_within_moves_samples_only_inside_their_class():
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2])
+    index = shuffle_within(labels, torch.Generator().manual_seed(0))
+    assert sorted(index.tolist()) == list(range(8))
+    assert torch.equal(labels[index], labels)
+
+
+def test_shape_rewards_score_what_they_name():
+    """On 8x8 strokes: a vertical bar is upright, a diagonal one is not; a centred blob is
+    centred, a corner one is not; a bigger square is larger and bolder; a stray dot makes an
+    image less smooth, a blurred edge makes it less crisp."""
+    labels = torch.zeros(2, dtype=torch.long)
+    bars = torch.zeros(2, 1, 8, 8)
+    bars[0, 0, 1:7, 3] = 1.0  # vertical
+    for i in range(1, 7):
+        bars[1, 0, i, i] = 1.0  # diagonal: one column per row
+    up = upright(bars, labels)
+    assert up[0].item() == pytest.approx(0.0, abs=1e-6) and up[1].item() == pytest.approx(-1.0)
+    blobs = torch.zeros(2, 1, 8, 8)
+    blobs[0, 0, 3:5, 3:5] = 1.0
+    blobs[1, 0, 0:2, 0:2] = 1.0
+    c = centred(blobs, labels)
+    assert c[0].item() == pytest.approx(0.0, abs=1e-6) and c[1].item() < -0.3
+    squares = torch.zeros(2, 1, 8, 8)
+    squares[0, 0, 3:5, 3:5] = 1.0
+    squares[1, 0, 1:7, 1:7] = 1.0
+    assert (size(squares, labels).diff() > 0).all() and (ink(squares, labels).diff() > 0).all()
+    assert (thin(squares, labels).diff() < 0).all()
+    edges = torch.zeros(3, 1, 8, 8)
+    edges[:, :, :, 4:] = 1.0
+    edges[1, :, :, 3], edges[1, :, :, 4] = 1 / 3, 2 / 3  # the same step, spread over 3 columns
+    edges[2, :, 2, 1] = 1.0  # the sharp step and a stray dot
+    labels = torch.zeros(3, dtype=torch.long)
+    tv, contrast = smooth(edges, labels), crisp(edges, labels)
+    # one unit step per row over the 8 x 7 horizontal neighbours; a blur is no rougher
+    assert tv[0].item() == pytest.approx(-1 / 7) and tv[1].item() == pytest.approx(-1 / 7)
+    assert tv[2] < tv[0]
+    # every pixel at 0 or 1; the blur's two columns sit a sixth from mid-grey (1/3 rescaled)
+    assert contrast[0].item() == pytest.approx(1.0)
+    assert contrast[1].item() == pytest.approx((6 + 2 / 3) / 8)
