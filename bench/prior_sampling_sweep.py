@@ -12,6 +12,9 @@ section), so the recorded setting reproduces evaluate's figures for that prior.
 the commit, and the prior stage's metrics from `--prior-metrics`, e.g. its training steps) to
 a JSON list: docs/results/<preset>/prior_kinds.json is what `bench/reference_runs.py --render`
 tables as "Prior kinds".
+
+`--grids DIR` saves each setting's sample grid (evaluate's: the first 10 of each class, a row
+per class) as DIR/<n>.png, n the setting's position among the arguments, to look at.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from genpipe import artifacts, evaluation
+from genpipe import artifacts, evaluation, viz
 from genpipe.artifacts.generator import load_generator
 from genpipe.artifacts.judges import load_judge
 from genpipe.config import load_params
@@ -37,6 +40,7 @@ def main() -> None:
     parser.add_argument("--prior", type=Path, default=artifacts.PRIOR, help="folder, from root")
     parser.add_argument("--record", type=Path, help="append the results to this JSON list")
     parser.add_argument("--prior-metrics", type=Path, help="the prior stage's metrics, recorded")
+    parser.add_argument("--grids", type=Path, help="save each setting's sample grid here")
     parser.add_argument("overrides", nargs="+", type=json.loads)
     args = parser.parse_args()
     root = args.root
@@ -50,17 +54,20 @@ def main() -> None:
     gen = load_generator(root / artifacts.TOKENIZER_FILE, root / args.prior / artifacts.PRIOR_FILE)
     recorded = dict(gen.sampling)
     print(f"{gen.kind} prior; recorded sampling {recorded}")
-    for override in args.overrides:
+    for n, override in enumerate(args.overrides):
         gen.sampling = {**recorded, **override}
         t0 = time.perf_counter()
         with torch.no_grad():
-            m, _ = evaluation.score(gen, evaluator, test_x, floor_x, cfg, num_classes, seed)
+            m, images = evaluation.score(gen, evaluator, test_x, floor_x, cfg, num_classes, seed)
         print(
             f"{json.dumps(override)}: FID ratio {m['fid_ratio']:.2f}, precision "
             f"{m['precision']:.3f}, recall {m['recall']:.3f}, consistency "
             f"{m['class_consistency']:.3f} ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
+        if args.grids:
+            grid = viz.class_grid(images, cfg.samples_per_class, num_classes)
+            viz.save_png(grid, args.grids / f"{n}.png")
         if args.record:
             record(args, gen.kind, gen.sampling, m, seed)
 

@@ -32,6 +32,8 @@ def test_repo_params_are_valid():
         ({"nosuchstage": {}}, "nosuchstage", "unknown key"),
         ({"prior": {"steps_by_kind": {"diffusoin": 10}}}, "prior.steps_by_kind", "unknown prior"),
         ({"prior": {"steps_by_kind": {"ar": 0}}}, "prior.steps_by_kind.ar", "at least 1"),
+        ({"prior": {"cfg_by_kind": {"diffusoin": 1.0}}}, "prior.cfg_by_kind", "unknown prior"),
+        ({"prior": {"cfg_by_kind": {"ar": -1.0}}}, "prior.cfg_by_kind.ar", ">= 0"),
         (
             {"prior": {"kind": "maskgit", "steps_by_kind": {"ar": 10}}},
             "prior.steps_by_kind",

@@ -178,6 +178,17 @@ def test_each_kind_has_its_own_guidance_unless_params_set_one():
     assert PRIOR_KINDS["diffusion"].cfg_scale != PRIOR_KINDS["ar"].cfg_scale
     chosen = parse_params({"prior": {"cfg_scale": 1.5}}).prior
     assert all(PRIOR_KINDS[n].sampling(chosen)["cfg_scale"] == 1.5 for n in ("ar", "maskgit"))
+    # a preset tunes some kinds (mnist: ar 1.5, diffusion its own best), the rest keep theirs,
+    # and a number in cfg_scale still applies to whichever kind runs
+    by_kind = {"prior": {"cfg_by_kind": {"ar": 1.5, "diffusion": 1.1}}}
+    tuned = parse_params(by_kind).prior
+    assert {n: PRIOR_KINDS[n].sampling(tuned)["cfg_scale"] for n in PRIOR_KINDS} == {
+        **{n: PRIOR_KINDS[n].cfg_scale for n in PRIOR_KINDS},
+        "ar": 1.5,
+        "diffusion": 1.1,
+    }
+    both = parse_params({"prior": {**by_kind["prior"], "cfg_scale": 3.0}}).prior
+    assert all(PRIOR_KINDS[n].sampling(both)["cfg_scale"] == 3.0 for n in PRIOR_KINDS)
     sampling = PRIOR_KINDS["diffusion"].sampling(
         parse_params({"prior": {"guidance_interval": [0.2, 0.9]}}).prior
     )

@@ -182,7 +182,13 @@ class Prior(Section):
     class_dropout: float = Field(0.1, ge=0, lt=1)
     pos: Literal["rope2d", "learned"] = "rope2d"
     cfg_scale: float | None = Field(
-        None, ge=0, description="classifier-free guidance at sampling; null = the kind's own"
+        None,
+        ge=0,
+        description="classifier-free guidance at sampling, for any kind; null = cfg_by_kind",
+    )
+    cfg_by_kind: dict[str, float] = Field(
+        {},
+        description="guidance per kind when cfg_scale is null; a kind not listed takes its own",
     )
     guidance_interval: list[float] = Field(
         [0.0, 0.6],
@@ -234,6 +240,17 @@ class Prior(Section):
             if n < 1:
                 raise ValueError(f"{kind}: expected at least 1 training step, got {n}")
         return steps
+
+    @field_validator("cfg_by_kind")
+    @classmethod
+    def _cfg_by_kind(cls, scales: dict[str, float]) -> dict[str, float]:
+        from genpipe.models.priors import prior_kind
+
+        for kind, scale in scales.items():
+            prior_kind(kind)
+            if scale < 0:
+                raise ValueError(f"{kind}: expected a guidance scale >= 0, got {scale}")
+        return scales
 
     @property
     def train_steps(self) -> int:

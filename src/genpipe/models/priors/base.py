@@ -61,12 +61,15 @@ class PriorKind:
 
     name: ClassVar[str]
     module: ClassVar[type[nn.Module]]
-    cfg_scale: ClassVar[float] = 1.0  # the guidance `prior.cfg_scale: null` stands for
+    cfg_scale: ClassVar[float] = 1.0  # the guidance when params name none for this kind
 
     def guidance(self, cfg: Prior) -> float:
-        """The classifier-free guidance scale to sample with: `prior.cfg_scale`, or this kind's
-        own when null (guidance that suits one kind can ruin another's diversity)."""
-        return self.cfg_scale if cfg.cfg_scale is None else cfg.cfg_scale
+        """The classifier-free guidance scale to sample with: `prior.cfg_scale`, else this
+        kind's entry of `prior.cfg_by_kind`, else its own (guidance that suits one kind can
+        ruin another's diversity, and the best scale moves with the data)."""
+        if cfg.cfg_scale is not None:
+            return cfg.cfg_scale
+        return cfg.cfg_by_kind.get(self.name, self.cfg_scale)
 
     def build(self, arch: dict[str, Any]) -> nn.Module:
         return self.module(**arch)
