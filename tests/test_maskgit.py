@@ -284,3 +284,5 @@ def test_nll_bound_in_one_pass_matches_a_loop_over_every_k():
     assert per_k[-1] > per_k[0] + 0.5, per_k  # a bound that weighs k wrongly would show
     one_pass = model.nll_bits_per_code(codes, labels)
     assert abs(one_pass - sum(per_k) / L) < 0.05 * sum(per_k) / L, (one_pass, per_k)
+    # in batches of rows, the last one short: the same figure
+    assert math.isclose(model.nll_bits_per_code(codes, labels, batch_size=37), one_pass)
