@@ -189,9 +189,12 @@ def sampling_flops(grid: tuple[int, int], dim: int, depth: int, steps: int | Non
     return steps * depth * cells * (24 * dim**2 + 4 * dim * cells) + 2 * dim * VOCAB * sum(masked)
 
 
-def bench_maskgit(device: torch.device, batches: list[int], n: int, steps: list[int]) -> None:
+def bench_maskgit(
+    device: torch.device, batches: list[int], n: int, steps: list[int], presets: list[str]
+) -> None:
     """MaskGIT's sampling speed as a multiple of AR's with its KV cache (the bar: >= 3x)."""
-    for preset, (grid, arch, sampling) in PRESETS.items():
+    for preset in presets:
+        grid, arch, sampling = PRESETS[preset]
         torch.manual_seed(0)
         ar = ARPrior(VOCAB, grid, CLASSES, **arch).to(device).eval()
         mg = MaskGITPrior(VOCAB, grid, CLASSES, **arch).to(device).eval()
@@ -229,6 +232,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[10, 50, 250], help="maskgit")
     parser.add_argument("--samples", type=int, default=1000, help="maskgit")
     parser.add_argument("--steps", type=int, nargs="+", default=list(MASKGIT_STEPS), help="maskgit")
+    parser.add_argument(
+        "--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS), help="maskgit"
+    )
     args = parser.parse_args()
     for batch in args.batch:
         if args.samples % batch:
@@ -246,7 +252,7 @@ def main() -> None:
     if "diffusion" in args.only:
         bench_diffusion(device)
     if "maskgit" in args.only:
-        bench_maskgit(device, args.batch, args.samples, args.steps)
+        bench_maskgit(device, args.batch, args.samples, args.steps, args.presets)
 
 
 if __name__ == "__main__":
