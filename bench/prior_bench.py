@@ -28,7 +28,7 @@ import torch
 from genpipe.models.diffusion import SAMPLERS, make_formulation, sample
 from genpipe.models.priors.ar import ARPrior
 from genpipe.models.priors.diffusion import Denoiser
-from genpipe.models.priors.maskgit import MaskGITPrior
+from genpipe.models.priors.maskgit import MaskGITPrior, masking_schedule
 
 # the prior defaults (params.yaml `prior`): AR and diffusion architectures
 AR_ARCH = dict(dim=64, depth=3, heads=4, dropout=0.1, pos="learned")
@@ -175,24 +175,52 @@ def samples_per_second(model, device: torch.device, n: int, batch: int, **kw) ->
     return n / timed(lambda: run(n // batch), device, repeats=1, warmup=False)
 
 
-def bench_maskgit(device: torch.device, batches: list[int], n: int) -> None:
+def sampling_flops(grid: tuple[int, int], dim: int, depth: int, steps: int | None) -> float:
+    """Matmul FLOPs to draw one unguided sample (twice that guided): AR with its KV cache
+    (`steps` None) runs each of the L cells through the blocks once, attending to the cells
+    before it; MaskGIT runs all L cells through the blocks at each of its T steps and the head
+    on the cells still masked. Per cell and block: qkv, output and MLP projections (24 dim^2)
+    plus attention scores and mixing (4 dim x cells attended)."""
+    cells = grid[0] * grid[1]
+    if steps is None:
+        blocks = sum(24 * dim**2 + 4 * dim * (i + 1) for i in range(cells))
+        return depth * blocks + 2 * dim * VOCAB * cells
+    masked = [cells, *masking_schedule(cells, steps)[:-1]]
+    return steps * depth * cells * (24 * dim**2 + 4 * dim * cells) + 2 * dim * VOCAB * sum(masked)
+
+
+def bench_maskgit(
+    device: torch.device, batches: list[int], n: int, steps: list[int], presets: list[str]
+) -> None:
     """MaskGIT's sampling speed as a multiple of AR's with its KV cache (the bar: >= 3x)."""
-    for preset, (grid, arch, sampling) in PRESETS.items():
+    for preset in presets:
+        grid, arch, sampling = PRESETS[preset]
         torch.manual_seed(0)
         ar = ARPrior(VOCAB, grid, CLASSES, **arch).to(device).eval()
         mg = MaskGITPrior(VOCAB, grid, CLASSES, **arch).to(device).eval()
+        ar_flops = sampling_flops(grid, arch["dim"], arch["depth"], None)
+        print(
+            f"{preset}: matmul MFLOPs per unguided sample: AR+KV cache {ar_flops / 1e6:.1f}, "
+            + ", ".join(
+                f"MaskGIT T={t} {sampling_flops(grid, arch['dim'], arch['depth'], t) / 1e6:.1f} "
+                f"({sampling_flops(grid, arch['dim'], arch['depth'], t) / ar_flops:.1f}x)"
+                for t in steps
+            )
+            + f"; sequential steps: AR {grid[0] * grid[1]}, MaskGIT {steps}",
+            flush=True,
+        )
         for batch in batches:
             base = samples_per_second(ar, device, n, batch, use_cache=True, **sampling)
             line = (
                 f"{preset} grid {grid[0]}x{grid[1]}, batch {batch}: AR+KV cache "
                 f"(cfg {sampling['cfg_scale']}) {base:,.0f} samples/s"
             )
-            for steps in MASKGIT_STEPS:
+            for t in steps:
                 for cfg_scale in (1.0, sampling["cfg_scale"]):
                     rate = samples_per_second(
-                        mg, device, n, batch, steps=steps, cfg_scale=cfg_scale, top_p=0.95
+                        mg, device, n, batch, steps=t, cfg_scale=cfg_scale, top_p=0.95
                     )
-                    line += f"; MaskGIT T={steps} cfg {cfg_scale} {rate / base:.2f}x"
+                    line += f"; MaskGIT T={t} cfg {cfg_scale} {rate / base:.2f}x"
             print(line, flush=True)
 
 
@@ -203,6 +231,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--batch", type=int, nargs="+", default=[10, 50, 250], help="maskgit")
     parser.add_argument("--samples", type=int, default=1000, help="maskgit")
+    parser.add_argument("--steps", type=int, nargs="+", default=list(MASKGIT_STEPS), help="maskgit")
+    parser.add_argument(
+        "--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS), help="maskgit"
+    )
     args = parser.parse_args()
     for batch in args.batch:
         if args.samples % batch:
@@ -220,7 +252,7 @@ def main() -> None:
     if "diffusion" in args.only:
         bench_diffusion(device)
     if "maskgit" in args.only:
-        bench_maskgit(device, args.batch, args.samples)
+        bench_maskgit(device, args.batch, args.samples, args.steps, args.presets)
 
 
 if __name__ == "__main__":

@@ -255,3 +255,34 @@ def test_training_learns_a_toy_task_and_samples_the_class_pattern():
     cells = (samples == patterns[want]).float().mean().item()
     assert consistency >= 0.98, consistency
     assert cells >= 0.9, cells  # cells equal to the requested class's pattern
+
+
+def test_nll_bound_in_one_pass_matches_a_loop_over_every_k():
+    """The one-pass estimate (each row one k, every k equally often) against the definition's
+    loop over k (one random k-cell mask per row, mean CE per masked cell, averaged over k), on
+    a model whose CE depends on k: the class is hidden, so only unmasked cells tell the
+    pattern."""
+    g = torch.Generator().manual_seed(0)
+    _, codes, _ = toy_task(40 * L, g)
+    labels = torch.zeros(len(codes), dtype=torch.long)
+    torch.manual_seed(0)
+    model = MaskGITPrior(K, GRID, CLASSES, dim=32, depth=2, heads=2).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        idx = torch.randint(0, len(codes), (64,), generator=g)
+        opt.zero_grad()
+        model.loss(codes[idx], labels[idx], g).backward()
+        opt.step()
+    model.eval()
+    flat, per_k = codes.reshape(-1, L), []
+    with torch.no_grad():
+        for k in range(1, L + 1):
+            mask = torch.rand(len(flat), L, generator=g).argsort(1).argsort(1) < k
+            logits = model(flat.masked_fill(mask, model.mask_token), labels)
+            ce = F.cross_entropy(logits.transpose(1, 2), flat, reduction="none")
+            per_k.append(((ce * mask).sum() / mask.sum()).item() / math.log(2))
+    assert per_k[-1] > per_k[0] + 0.5, per_k  # a bound that weighs k wrongly would show
+    one_pass = model.nll_bits_per_code(codes, labels)
+    assert abs(one_pass - sum(per_k) / L) < 0.05 * sum(per_k) / L, (one_pass, per_k)
+    # in batches of rows, the last one short: the same figure
+    assert math.isclose(model.nll_bits_per_code(codes, labels, batch_size=37), one_pass)

@@ -133,19 +133,36 @@ class MaskGITPrior(CodeTransformer):
         return self._masked_ce(codes, labels, mask, drop).sum() / mask.sum()
 
     @torch.no_grad()
-    def nll_bits_per_code(self, codes: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> float:
+    def nll_bits_per_code(
+        self, codes: torch.Tensor, labels: torch.Tensor, seed: int = 0, batch_size: int = 512
+    ) -> float:
         """Upper bound on the NLL in bits per code, no class dropout: the model read as an
         order-agnostic autoregressive model (Hoogeboom et al., 2022), E_k E_mask[mean CE of the
-        k masked cells] with k uniform in 1..L; exact in k, one seeded mask per row and k. A
-        bound on a different model than parallel decoding samples, comparable with AR's NLL."""
+        k masked cells] with k uniform in 1..L. A bound on a different model than parallel
+        decoding samples, comparable with AR's NLL.
+
+        Estimated in one pass over the rows, like AR's NLL, not one per k (49 passes over
+        MNIST's 9,000 validation grids took the stage most of an hour on CPU): the rows, in a
+        seeded random order, take k = 1..L in turn (repeated until every k has a row), each
+        with one seeded random mask of k cells; the mean CE of every k's rows is averaged
+        over k. In batches of rows, as AR's: a whole split at once holds (N, L, 4 * dim)."""
         codes = self._flat(codes)
+        reps = -(-self.seq_len // codes.shape[0])  # so that every k gets a row
+        codes, labels = codes.repeat(reps, 1), labels.repeat(reps)
+        rows = codes.shape[0]
         g = torch.Generator().manual_seed(seed)
-        total = 0.0
-        for k in range(1, self.seq_len + 1):
-            ranks = torch.rand(codes.shape[0], self.seq_len, generator=g).argsort(1).argsort(1)
-            mask = (ranks < k).to(codes.device)
-            total += self._masked_ce(codes, labels, mask, None).sum().item() / mask.sum().item()
-        return total / self.seq_len / math.log(2)
+        k = torch.empty(rows, dtype=torch.long)
+        k[torch.randperm(rows, generator=g)] = torch.arange(rows) % self.seq_len + 1
+        ranks = torch.rand(rows, self.seq_len, generator=g).argsort(1).argsort(1)
+        mask = (ranks < k[:, None]).to(codes.device)
+        ce = [
+            self._masked_ce(codes[i:j], labels[i:j], mask[i:j], None).sum(1).cpu()
+            for i, j in ((i, i + batch_size) for i in range(0, rows, batch_size))
+        ]
+        per_row = torch.cat(ce) / k  # mean CE of each row's k masked cells
+        per_k = torch.zeros(self.seq_len, dtype=per_row.dtype).index_add_(0, k - 1, per_row)
+        per_k /= torch.bincount(k - 1, minlength=self.seq_len)
+        return per_k.mean().item() / math.log(2)
 
     def guided_logits(
         self,
