@@ -14,6 +14,16 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# `python -c STAGE_COMMAND ARGS` is `python -m flows.stage ARGS`, then prints its exit code and
+# whether the command itself imported torch (it does not when a warm process ran the stage).
+STAGE_COMMAND = (
+    "import runpy, sys\n"
+    "sys.argv = ['flows.stage', *sys.argv[1:]]\n"
+    "try:\n"
+    "    runpy.run_module('flows.stage', run_name='__main__')\n"
+    "except SystemExit as e:\n"
+    "    print('exit', e.code, 'torch' in sys.modules)\n"
+)
 # The warm process a test's `dvc repro` starts (flows.warm_shared) serves only that test's
 # checkout: let it go soon after the test's last stage, not a minute later.
 os.environ.setdefault("GENPIPE_WARM_IDLE_S", "15")

@@ -20,7 +20,7 @@ from flows import pipeline, stage
 from genpipe import cli, prefect_server, runtime, training
 from genpipe.config import ParamsError, parse_params
 from genpipe.stages import STAGES
-from tests.conftest import REPO, copy_repo, git, run
+from tests.conftest import REPO, STAGE_COMMAND, copy_repo, git, run
 from tests.tiny import write_tiny_params
 
 # Prints without flushing, a progress bar redrawn with carriage returns, and pauses between.
@@ -218,16 +218,6 @@ def test_mps_is_a_device_where_torch_has_it(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(ParamsError, match=r"base\.device is 'mps'.*'cpu'"):
         runtime.pick_device("mps")
-
-
-STAGE_COMMAND = (
-    "import runpy, sys\n"
-    "sys.argv = ['flows.stage', *sys.argv[1:]]\n"
-    "try:\n"
-    "    runpy.run_module('flows.stage', run_name='__main__')\n"
-    "except SystemExit as e:\n"
-    "    print('exit', e.code, 'torch' in sys.modules)\n"
-)
 
 
 def _stage_command(tmp_path, warm_socket: str) -> subprocess.CompletedProcess:

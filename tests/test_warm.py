@@ -24,17 +24,8 @@ from flows.stage import PIPELINE_TASK_ENV
 from genpipe import locks
 from genpipe.data.raw import write_raw
 from genpipe.data.sources import load_source
-from tests.conftest import REPO
+from tests.conftest import REPO, STAGE_COMMAND
 
-# `python -m flows.stage ARGS`, then whether that command itself imported torch.
-STAGE_COMMAND = (
-    "import runpy, sys\n"
-    "sys.argv = ['flows.stage', *sys.argv[1:]]\n"
-    "try:\n"
-    "    runpy.run_module('flows.stage', run_name='__main__')\n"
-    "except SystemExit as e:\n"
-    "    print('exit', e.code, 'torch' in sys.modules)\n"
-)
 WARM_EXIT = "exit 2 False"  # refused in a child of the warm process: no torch here
 COLD_EXIT = "exit 2 True"  # refused by the command itself, which imported torch
 

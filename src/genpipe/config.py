@@ -170,6 +170,17 @@ class Judges(Section):
         return self
 
 
+def _per_kind(values: dict[str, Any], minimum: float, expected: str) -> dict[str, Any]:
+    """A `{prior kind: number}` map's check: every kind registered, every number >= minimum."""
+    from genpipe.models.priors import prior_kind  # torch: only once params are parsed
+
+    for kind, value in values.items():
+        prior_kind(kind)
+        if value < minimum:
+            raise ValueError(f"{kind}: expected {expected}, got {value}")
+    return values
+
+
 class Prior(Section):
     """The prior over codes. `kind` names a file of models/priors (ar, diffusion, ...); a kind
     reads the knobs below that apply to it (a new kind with knobs of its own adds them here)."""
@@ -233,24 +244,12 @@ class Prior(Section):
     @field_validator("steps_by_kind")
     @classmethod
     def _steps_by_kind(cls, steps: dict[str, int]) -> dict[str, int]:
-        from genpipe.models.priors import prior_kind
-
-        for kind, n in steps.items():
-            prior_kind(kind)
-            if n < 1:
-                raise ValueError(f"{kind}: expected at least 1 training step, got {n}")
-        return steps
+        return _per_kind(steps, 1, "at least 1 training step")
 
     @field_validator("cfg_by_kind")
     @classmethod
     def _cfg_by_kind(cls, scales: dict[str, float]) -> dict[str, float]:
-        from genpipe.models.priors import prior_kind
-
-        for kind, scale in scales.items():
-            prior_kind(kind)
-            if scale < 0:
-                raise ValueError(f"{kind}: expected a guidance scale >= 0, got {scale}")
-        return scales
+        return _per_kind(scales, 0, "a guidance scale >= 0")
 
     @property
     def train_steps(self) -> int:
