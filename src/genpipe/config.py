@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -170,12 +171,13 @@ class Judges(Section):
         return self
 
 
-def _per_kind(values: dict[str, Any], minimum: float, expected: str) -> dict[str, Any]:
-    """A `{prior kind: number}` map's check: every kind registered, every number >= minimum."""
-    from genpipe.models.priors import prior_kind  # torch: only once params are parsed
-
+def _per_kind(
+    values: dict[str, Any], minimum: float, expected: str, check_kind: Callable[[str], object]
+) -> dict[str, Any]:
+    """A `{prior kind: number}` map's check: every kind registered, every number >= minimum.
+    The validators pass `prior_kind` in: imports inside validators are no stage's code dep."""
     for kind, value in values.items():
-        prior_kind(kind)
+        check_kind(kind)
         if value < minimum:
             raise ValueError(f"{kind}: expected {expected}, got {value}")
     return values
@@ -244,12 +246,16 @@ class Prior(Section):
     @field_validator("steps_by_kind")
     @classmethod
     def _steps_by_kind(cls, steps: dict[str, int]) -> dict[str, int]:
-        return _per_kind(steps, 1, "at least 1 training step")
+        from genpipe.models.priors import prior_kind  # torch: only once params are parsed
+
+        return _per_kind(steps, 1, "at least 1 training step", prior_kind)
 
     @field_validator("cfg_by_kind")
     @classmethod
     def _cfg_by_kind(cls, scales: dict[str, float]) -> dict[str, float]:
-        return _per_kind(scales, 0, "a guidance scale >= 0")
+        from genpipe.models.priors import prior_kind
+
+        return _per_kind(scales, 0, "a guidance scale >= 0", prior_kind)
 
     @property
     def train_steps(self) -> int:
