@@ -22,7 +22,6 @@ from genpipe.data.raw import write_raw
 from genpipe.data.sources import load_source
 from genpipe.stages import finetune, prepare
 from genpipe.tracking import parent, store
-from genpipe.tracking import write as tracking
 from tests.conftest import BIN, REPO
 
 PYTHON = [sys.executable, "-c"]
@@ -71,7 +70,7 @@ def test_run_left_running_by_sigkill_is_marked_killed_by_the_next_run(workdir):
     prepare.run(parse_params({}), workdir)
     stale = client.get_run(stale_id)
     assert stale.info.status == "KILLED"
-    assert "marked KILLED" in stale.data.tags[tracking.STALE_TAG]
+    assert "marked KILLED" in stale.data.tags[store.STALE_TAG]
     assert client.get_run(other).info.status == "RUNNING"  # another checkout's: not ours
 
 
@@ -109,7 +108,7 @@ def test_pipeline_parent_left_running_by_a_killed_stage_is_marked_killed(workdir
     prepare.run(parse_params({}), workdir)
     after = client.get_run(top.info.run_id)
     assert after.info.status == "KILLED"
-    assert "a stage was killed" in after.data.tags[tracking.STALE_TAG]
+    assert "a stage was killed" in after.data.tags[store.STALE_TAG]
 
 
 def test_genpipe_stage_unwinds_on_sigterm(workdir):

@@ -140,13 +140,10 @@ def close_stale(mlflow: Any, root: str) -> list[str]:
         )
         if (found := run.data.tags.get(OWNER_TAG)) and not _alive(found)
     ]
-    client = mlflow.MlflowClient()
     for run in stale:
-        client.set_tag(
-            run.info.run_id,
-            store.STALE_TAG,
+        why = (
             f"still RUNNING when a later stage run started (pid {os.getpid()}) and its owner "
-            f"{run.data.tags[OWNER_TAG]} was gone: a stage was killed; marked KILLED",
+            f"{run.data.tags[OWNER_TAG]} was gone: a stage was killed; marked KILLED"
         )
-        client.set_terminated(run.info.run_id, status="KILLED")
+        store.mark_killed(mlflow, [run], why)
     return [run.info.run_id for run in stale]

@@ -182,3 +182,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def mark_killed(mlflow: Any, runs: list[Any], why: str) -> list[str]:
+    """End runs a killed process left RUNNING: status KILLED, and STALE_TAG saying why."""
+    client = mlflow.MlflowClient()
+    for run in runs:
+        client.set_tag(run.info.run_id, STALE_TAG, why)
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return [run.info.run_id for run in runs]

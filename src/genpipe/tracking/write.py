@@ -16,7 +16,6 @@ import numpy as np
 from genpipe import lineage
 from genpipe.config import Params
 from genpipe.tracking import parent, store
-from genpipe.tracking.store import STALE_TAG
 
 FLOW_RUN_ENV = "GENPIPE_FLOW_RUN_ID"  # the Prefect flow run of this stage (flows/stage.py)
 log = logging.getLogger(__name__)
@@ -150,16 +149,11 @@ def close_stale(mlflow: Any, stage: str, root: Path) -> list[str]:
         f"and tags.`genpipe.root` = {_quote(str(root))} and attributes.status = 'RUNNING'",
         output_format="list",
     )
-    client = mlflow.MlflowClient()
-    for run in stale:
-        client.set_tag(
-            run.info.run_id,
-            STALE_TAG,
-            f"still RUNNING when the next {stage} run started (pid {os.getpid()}): its "
-            "process died without ending it; marked KILLED",
-        )
-        client.set_terminated(run.info.run_id, status="KILLED")
-    return [run.info.run_id for run in stale]
+    why = (
+        f"still RUNNING when the next {stage} run started (pid {os.getpid()}): its "
+        "process died without ending it; marked KILLED"
+    )
+    return store.mark_killed(mlflow, stale, why)
 
 
 @contextlib.contextmanager
