@@ -35,13 +35,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from genpipe import artifacts, evaluation  # noqa: E402
+from genpipe import artifacts, evaluation, viz  # noqa: E402
 from genpipe.artifacts.generator import load_generator  # noqa: E402
 from genpipe.artifacts.judges import load_judge  # noqa: E402
 from genpipe.config import Finetune, load_params, read_params_yaml  # noqa: E402
 from genpipe.data.prepared import load_split  # noqa: E402
 from genpipe.generator import Generator  # noqa: E402
-from genpipe.rewards import RewardContext, WeightedReward, build_reward  # noqa: E402
+from genpipe.rewards import (  # noqa: E402
+    REALISM_SEED_OFFSET,
+    RewardContext,
+    WeightedReward,
+    build_reward,
+)  # noqa: E402
 from genpipe.runtime import cpu_threads  # noqa: E402
 from genpipe.stages import finetune  # noqa: E402
 
@@ -53,16 +58,21 @@ def measure(
     test_x: torch.Tensor,
     per_class: int,
     seed: int,
+    knn_k: int,
 ) -> dict[str, Any]:
     images, labels, _ = evaluation.generate(gen, per_class, int(gen.prior.num_classes), seed)
     total, _ = reward(images, labels)
+    extractor = evaluation.FeatureExtractor(evaluator)
+    real_f, fake_f = (evaluation.features(extractor, x.clamp(0, 1)) for x in (test_x, images))
     return {
+        "images": images,
+        **evaluation.precision_recall(real_f, fake_f, knn_k, seed),
         "rewards": total,
         "labels": labels,
         "reward_mean": float(total.mean()),
         "reward_std": float(total.std()),
         "consistency": evaluation.class_consistency(evaluator, images, labels),
-        "fid": evaluation.fid(evaluation.FeatureExtractor(evaluator), test_x, images),
+        "fid": evaluation.fid_from_features(real_f, fake_f),
     }
 
 
@@ -138,6 +148,9 @@ def main() -> None:
         help="another finetune param, e.g. --set advantage=dr_grpo --set beta=0.2 (YAML value)",
     )
     parser.add_argument("--per-class", type=int, default=100, help="eval samples per class")
+    parser.add_argument(
+        "--grids", type=Path, default=None, help="write before.png and after.png sample grids here"
+    )
     args = parser.parse_args()
     root = args.root
     params = load_params(args.params or root / "params.yaml")
@@ -155,17 +168,25 @@ def main() -> None:
     gen = gen.requires_grad_(False)
     num_classes = int(gen.prior.num_classes)  # type: ignore[arg-type]
     judges = {role: load_judge(root, role, num_classes) for role in artifacts.JUDGE_ROLES}
-    context = RewardContext(judges["reward"], cfg.confidence_cap)
+    context = RewardContext(
+        judges["reward"],
+        cfg.confidence_cap,
+        lambda: load_split("train", root / artifacts.PREPARED),
+        lambda: evaluation.generate(
+            gen, cfg.realism_samples_per_class, num_classes, params.base.seed + REALISM_SEED_OFFSET
+        )[:2],
+        cfg.realism_k,
+    )
     project = Path(__file__).resolve().parents[1]  # where bench.rl_user_rewards imports from
     reward = build_reward(cfg.rewards, cfg.reward_entry_points, context, project)
     test_x, test_y = load_split("test", root / artifacts.PREPARED)
-    seed = params.base.seed
+    seed, knn = params.base.seed, params.evaluate.knn_k
     with torch.no_grad():
         recon = gen.tokenizer.decode_codes(gen.tokenizer.encode_codes(test_x))
     real, _ = reward(test_x, test_y)
     real_recon, _ = reward(recon, test_y)
 
-    before = measure(gen, judges["evaluator"], reward, test_x, args.per_class, seed)
+    before = measure(gen, judges["evaluator"], reward, test_x, args.per_class, seed, knn)
     gen.prior.requires_grad_(True)
     policy, _ = finetune.make_policy(gen, cfg)
     start = time.perf_counter()
@@ -176,7 +197,7 @@ def main() -> None:
     secs = time.perf_counter() - start
     policy.net.load_state_dict(result.best["state"])
     policy.net.eval()
-    after = measure(gen, judges["evaluator"], reward, test_x, args.per_class, seed)
+    after = measure(gen, judges["evaluator"], reward, test_x, args.per_class, seed, knn)
 
     # ar's KL is to the untruncated prior and starts at the truncation's cost; the tilt
     # reweights the truncated samples, so it gets the KL RL spent beyond that start
@@ -195,12 +216,16 @@ def main() -> None:
         f"lr={cfg.lr} steps_run={result.steps_run} "
         f"best_step={result.best['step']} stopped_early={result.stopped_early} train_s={secs:.0f}"
     )
-    print(f"{'':<14}{'reward':>10}{'reward std':>12}{'consistency':>13}{'FID':>9}")
+    header = ("reward", "reward std", "consistency", "FID", "precision", "recall")
+    print(f"{'':<14}" + "".join(f"{h:>12}" for h in header))
     for name, m in (("before", before), ("after", after)):
         print(
-            f"{name:<14}{m['reward_mean']:>10.4f}{m['reward_std']:>12.4f}"
-            f"{m['consistency']:>13.3f}{m['fid']:>9.3f}"
+            f"{name:<14}{m['reward_mean']:>12.4f}{m['reward_std']:>12.4f}{m['consistency']:>12.3f}"
+            f"{m['fid']:>12.3f}{m['precision']:>12.3f}{m['recall']:>12.3f}"
         )
+        if args.grids is not None:
+            grid = viz.class_grid(m["images"], args.per_class, num_classes, show=16)
+            viz.save_png(grid, args.grids / f"{name}.png")
     print(
         f"reward gain {gain:+.2f} pre-RL stds (bar >= 2) | KL at the kept step "
         f"{result.best['kl']:.3f} nats/sample | consistency {-drop:+.1f} points (bar >= -2) | "
@@ -224,13 +249,15 @@ def main() -> None:
     )
     print(
         "| kind | reward | settings | pre mean ± std | post mean | gain (stds) | gain (SEs) | "
-        "KL | ideal gain at KL | consistency | FID ratio |"
+        "KL | ideal gain at KL | consistency | FID ratio | precision | recall |"
     )
     print(
         f"| {kind} | {args.reward} | {' '.join(args.set) or 'defaults'} | "
         f"{before['reward_mean']:.4f} ± {before['reward_std']:.4f} | {after['reward_mean']:.4f} | "
         f"{gain:+.2f} | {gain_se:+.1f} | {result.best['kl']:.2f} | {ideal_gain:+.2f} | "
-        f"{before['consistency']:.3f} -> {after['consistency']:.3f} | {fid_ratio:.2f}x |"
+        f"{before['consistency']:.3f} -> {after['consistency']:.3f} | {fid_ratio:.2f}x | "
+        f"{before['precision']:.2f} -> {after['precision']:.2f} | "
+        f"{before['recall']:.2f} -> {after['recall']:.2f} |"
     )
     ok = gain >= 2 and drop <= 2 and fid_ratio <= 1.2
     print("PASS" if ok else "FAIL")

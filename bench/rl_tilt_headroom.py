@@ -65,7 +65,7 @@ USER_REWARDS = (
     "smooth",
     "crisp",
 )
-BUILTIN_REWARDS = ("class_confidence", "class_confidence_uncapped", "compressibility")
+BUILTIN_REWARDS = ("class_confidence", "class_confidence_uncapped", "compressibility", "realism")
 CHUNK = 100  # samples per class per sampling round
 FID_BAR, CONSISTENCY_BAR = 1.2, 0.02  # the reward-gain bar's hacking check
 
@@ -159,15 +159,22 @@ def best_gain(reward: torch.Tensor, s: Samples, draws: int, seed: int) -> float:
     return best
 
 
-def candidates(judge: torch.nn.Module, cap: float) -> dict[str, Callable[..., torch.Tensor]]:
-    """Reward name -> reward function (images, labels) -> (B,)."""
-    found: dict[str, Callable[..., torch.Tensor]] = {
-        "class_confidence": rewards.class_confidence(rewards.RewardContext(judge, cap)),
-        "class_confidence_uncapped": rewards.class_confidence(rewards.RewardContext(judge, 1.0)),
-        "compressibility": rewards.compressibility,
+def candidates(
+    ctx: rewards.RewardContext, only: list[str]
+) -> dict[str, Callable[..., torch.Tensor]]:
+    """Reward name -> reward function (images, labels) -> (B,), for the names in `only` (all
+    if empty): `realism` draws its reference from the prior, so only when asked for."""
+    uncapped = rewards.RewardContext(ctx.judge, 1.0)
+    builders: dict[str, Callable[[], Callable[..., torch.Tensor]]] = {
+        "class_confidence": lambda: rewards.class_confidence(ctx),
+        "class_confidence_uncapped": lambda: rewards.class_confidence(uncapped),
+        "compressibility": lambda: rewards.compressibility,
+        "realism": lambda: rewards.realism(ctx),
     }
-    found.update({name: getattr(rl_user_rewards, name) for name in USER_REWARDS})
-    return found
+    builders.update(
+        {name: lambda name=name: getattr(rl_user_rewards, name) for name in USER_REWARDS}
+    )
+    return {name: build() for name, build in builders.items() if not only or name in only}
 
 
 def draw(
@@ -185,7 +192,9 @@ def draw(
     return torch.cat(images), torch.cat(labels)
 
 
-def report(root: Path, per_class: int, gain: float, draws: int, only: list[str]) -> None:
+def report(
+    root: Path, per_class: int, gain: float, draws: int, only: list[str], realism_k: int | None
+) -> None:
     """Print the headroom table of one pipeline's prior (ROOT as bench/rl_reward_gain.py)."""
     params = load_params(root / "params.yaml")
     seed = params.base.seed
@@ -216,9 +225,18 @@ def report(root: Path, per_class: int, gain: float, draws: int, only: list[str])
         f"| kind | reward | pre mean ± std | recon (stds) | ceiling (stds) | KL for +{gain:g} | "
         "ESS | consistency | FID ratio raw | FID ratio corrected ± sd | best gain within bar |"
     )
-    for name, fn in candidates(judges["reward"], params.finetune.confidence_cap).items():
-        if only and name not in only:
-            continue
+    cfg = params.finetune
+    realism_seed = seed + rewards.REALISM_SEED_OFFSET
+    ctx = rewards.RewardContext(
+        judges["reward"],
+        cfg.confidence_cap,
+        lambda: load_split("train", root / artifacts.PREPARED),
+        lambda: evaluation.generate(gen, cfg.realism_samples_per_class, num_classes, realism_seed)[
+            :2
+        ],
+        cfg.realism_k if realism_k is None else realism_k,
+    )
+    for name, fn in candidates(ctx, only).items():
         r = fn(images, labels).double()
         mean, std = float(r.mean()), float(r.std())
         if std == 0:
@@ -247,11 +265,12 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=16, help="reward-blind shuffles per FID")
     parser.add_argument("--gain", type=float, default=2.0, help="the bar, in pre-RL stds")
     parser.add_argument("--reward", action="append", default=[], help="only these (repeatable)")
+    parser.add_argument("--realism-k", type=int, default=None, help="default: finetune's")
     args = parser.parse_args()
     if unknown := sorted(set(args.reward) - {*BUILTIN_REWARDS, *USER_REWARDS}):
         parser.error(f"--reward {unknown}: choose from {[*BUILTIN_REWARDS, *USER_REWARDS]}")
     for root in args.root:
-        report(root, args.per_class, args.gain, args.draws, args.reward)
+        report(root, args.per_class, args.gain, args.draws, args.reward, args.realism_k)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from genpipe.rewards import (
     WeightedReward,
     build_reward,
     compressibility,
+    realism,
 )
 from genpipe.stages import finetune
 
@@ -183,7 +184,9 @@ def test_config_takes_reward_names_from_rewards_builtins(monkeypatch):
     monkeypatch.setitem(BUILTINS, "sharpness", lambda ctx: compressibility)
     assert Finetune(rewards={"sharpness": 1.0}).rewards == {"sharpness": 1.0}
     monkeypatch.delitem(BUILTINS, "compressibility")
-    with pytest.raises(ValueError, match="unknown reward; allowed: class_confidence, sharpness"):
+    with pytest.raises(
+        ValueError, match="unknown reward; allowed: class_confidence, realism, sharpness"
+    ):
         Finetune(rewards={"compressibility": 1.0})
 
 
@@ -255,6 +258,69 @@ def test_reward_of_the_wrong_shape_is_refused():
         reward(torch.rand(2, 1, 2, 2), torch.zeros(2, dtype=torch.long))
 
 
+class _Identity(torch.nn.Module):
+    """A judge whose features are the pixels: distances in its feature space are plain."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+def _points(centre: tuple[float, float], n: int, seed: int) -> torch.Tensor:
+    """n images of 1x1x2 pixels, scattered 0.05 around centre."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.tensor(centre) + 0.05 * torch.randn(n, 2, generator=g)).view(n, 1, 1, 2)
+
+
+def _realism_context(k: int = 1, **kw) -> RewardContext:
+    """Class 0's real images in two clusters, at (0, 0) and (1, 0); the prior draws only the
+    first: it over-draws (0, 0) and never draws (1, 0)."""
+    real = torch.cat([_points((0, 0), 10, 0), _points((1, 0), 10, 1)])
+    prior = _points((0, 0), 20, 2)
+    zeros = torch.zeros(20, dtype=torch.long)
+    return RewardContext(_Identity(), 1.0, lambda: (real, zeros), lambda: (prior, zeros), k, **kw)
+
+
+def test_realism_rewards_what_the_prior_under_draws_not_one_typical_image():
+    """A density ratio, real over prior: a copy of a real image the prior never draws scores
+    above a copy of one it over-draws (a pure distance to the real images scores both alike),
+    and above the same image moved away from every real one."""
+    ctx = _realism_context()
+    real, _ = ctx.reference()
+    reward = build_reward({"realism": 1.0}, {}, ctx)
+    far = real[15:16] + torch.tensor([0.0, 0.5]).view(1, 1, 1, 2)
+    total, _ = reward(torch.cat([real[0:1], real[15:16], far]), torch.zeros(3, dtype=torch.long))
+    over_drawn, under_drawn, moved = total.tolist()
+    assert under_drawn > over_drawn + 2
+    assert under_drawn > moved + 1
+    assert math.isfinite(under_drawn)  # a copy's distance is floored: its score is bounded
+
+
+def test_realism_draws_from_the_prior_only_when_used():
+    def refuse() -> tuple[torch.Tensor, torch.Tensor]:
+        raise AssertionError("drew from the prior for a reward that does not need it")
+
+    judge = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, CLASSES))
+    build_reward({"class_confidence": 1.0}, {}, RewardContext(judge, 1.0, refuse, refuse))
+
+
+@pytest.mark.parametrize(
+    ("ctx", "message"),
+    [
+        (_realism_context(k=20), "finetune.realism_k: 20 neighbours, but the train split's"),
+        (RewardContext(_Identity()), "needs the train split and samples of the frozen prior"),
+    ],
+)
+def test_realism_refuses_what_it_cannot_score(ctx, message):
+    with pytest.raises(RewardError, match=message):
+        realism(ctx)
+
+
+def test_realism_refuses_a_class_without_real_images():
+    reward = realism(_realism_context())
+    with pytest.raises(RewardError, match="no reference images of class 1"):
+        reward(torch.rand(2, 1, 1, 2), torch.tensor([0, 1]))
+
+
 @pytest.mark.parametrize(
     ("section", "message"),
     [
@@ -266,6 +332,7 @@ def test_reward_of_the_wrong_shape_is_refused():
         ),
         ({"reward_entry_points": {"compressibility": "m:f"}}, "shadows the built-in"),
         ({"rewards": {}}, "finetune.rewards"),
+        ({"realism_k": 0}, "finetune.realism_k: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_finetune_params_are_refused_before_any_work(section, message):

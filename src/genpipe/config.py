@@ -329,6 +329,12 @@ class Finetune(Section):
     confidence_cap: float = Field(
         0.99, gt=0, le=1, description="class_confidence stops rising at this probability; 1 = off"
     )
+    realism_k: int = Field(
+        1, ge=1, description="realism: the k-th nearest neighbour whose distance it compares"
+    )
+    realism_samples_per_class: int = Field(
+        100, ge=2, description="realism: frozen-prior samples per class it compares against"
+    )
     cfg_scale: float | None = Field(
         None, ge=0, description="guidance while sampling for RL; null = the prior's own, 1 = off"
     )

@@ -10,6 +10,9 @@ Built-ins:
   that one must stay unoptimised, so reward hacking shows up in evaluation.
 - `compressibility`: minus the PNG size of the image in bytes per pixel value (so images of
   any size score on the same scale): simpler, smoother images score higher.
+- `realism`: how much nearer the image is to the train split's images of its class than to
+  the frozen prior's own samples of it, in the reward judge's features (k-th nearest
+  neighbour, finetune.realism_k): a density ratio that moves the prior towards the data.
 
 Your own reward: write a function `(images, labels) -> rewards` in a module importable from the
 project root (or installed), name it under `finetune.reward_entry_points` and weight it under
@@ -41,6 +44,10 @@ from torch import nn
 
 RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+# `realism` draws its frozen-prior reference with base.seed plus this, a seed no evaluation
+# or benchmark draw uses: a sample scored against a copy of itself would sit at distance 0
+REALISM_SEED_OFFSET = 1_000_003
+
 
 class RewardError(ValueError):
     """A reward is unknown, cannot be loaded, or returned something that is not a score."""
@@ -48,10 +55,15 @@ class RewardError(ValueError):
 
 @dataclass(frozen=True)
 class RewardContext:
-    """What the built-in rewards are made from: the reward judge and their settings."""
+    """What the built-in rewards are made from: the reward judge, what `realism` compares
+    against (loaders of the train split and of a draw from the frozen prior, called only if
+    it is used: images (N, C, H, W) in [0, 1] and labels (N,)), and their settings."""
 
     judge: nn.Module
     confidence_cap: float = 1.0
+    reference: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    prior_samples: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    realism_k: int = 1
 
 
 def class_confidence(ctx: RewardContext) -> RewardFn:
@@ -65,6 +77,74 @@ def class_confidence(ctx: RewardContext) -> RewardFn:
     def reward(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logp = judge(images).float().log_softmax(dim=-1)
         return logp.gather(1, labels[:, None].long()).squeeze(1).clamp(max=cap)
+
+    return reward
+
+
+def _kth_distance(queries: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Euclidean distance (Q,) of each query to its k-th nearest key."""
+    return torch.cdist(queries.double(), keys.double()).kthvalue(k, dim=1).values
+
+
+def _by_class(
+    judge: nn.Module, images: torch.Tensor, labels: torch.Tensor
+) -> dict[int, torch.Tensor]:
+    """Class -> reward-judge features (n, d) of that class's images."""
+    with torch.no_grad():
+        feats = torch.cat([judge.features(images[i : i + 512]) for i in range(0, len(images), 512)])
+    return {c: feats[labels == c].double() for c in labels.unique().tolist()}
+
+
+def realism(ctx: RewardContext) -> RewardFn:
+    """How much more typical of the real images of its class a sample is than of the prior's
+    own samples: log d_prior - log d_real, with d the distance, in the reward judge's features,
+    to the k-th nearest train image of the requested class (d_real) and to the k-th nearest of
+    a fixed draw of the frozen prior's samples of that class (d_prior). By k-nearest-neighbour
+    density estimation that is log(p_real / p_prior) / D plus a constant, so it rewards what
+    the prior draws too rarely and penalises what it over-draws: its optimal tilt moves the
+    prior towards the real data, not towards one typical digit (a pure distance to the real
+    images would, and on the default digits it raises the evaluator's FID 1.3-1.7x for +0.5
+    std). Distances are floored at a tenth of the class's typical real spacing (the median
+    over its train images of the same distance to the others), so copying a train image or a
+    reference sample earns a bounded score. A learned, discriminator-like reward: it uses the
+    reward judge and the train split, never the evaluator or the test split that FID reads."""
+    if ctx.reference is None or ctx.prior_samples is None:
+        raise RewardError(
+            "reward 'realism' needs the train split and samples of the frozen prior "
+            "(RewardContext.reference and .prior_samples)"
+        )
+    k = ctx.realism_k
+    real_x, real_y = ctx.reference()
+    prior_x, prior_y = ctx.prior_samples()
+    for what, labels in (("train split", real_y), ("prior's reference draw", prior_y)):
+        counts = torch.bincount(labels.long())
+        smallest = int(counts[counts > 0].min()) if len(labels) else 0
+        if k >= smallest:
+            raise RewardError(
+                f"finetune.realism_k: {k} neighbours, but the {what}'s smallest class has "
+                f"{smallest} images; set it below {smallest}"
+            )
+    judge = ctx.judge.eval()
+    real, prior = _by_class(judge, real_x, real_y), _by_class(judge, prior_x, prior_y)
+    if missing := sorted(set(prior) - set(real)):
+        raise RewardError(f"reward 'realism': classes {missing} have no train images")
+    floor = {}
+    for c, feats in real.items():
+        spacing = torch.cdist(feats, feats).fill_diagonal_(math.inf).kthvalue(k, dim=1).values
+        floor[c] = 0.1 * float(spacing.median())
+
+    @torch.no_grad()
+    def reward(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(len(images), dtype=torch.float64)
+        queries = judge.features(images).double() if len(images) else None
+        for c in labels.unique().tolist():
+            if c not in real or c not in prior:
+                raise RewardError(f"reward 'realism': no reference images of class {c}")
+            mask = labels == c
+            d_real = _kth_distance(queries[mask], real[c], k).clamp_min(floor[c])
+            d_prior = _kth_distance(queries[mask], prior[c], k).clamp_min(floor[c])
+            out[mask] = d_prior.log() - d_real.log()
+        return out.float()
 
     return reward
 
@@ -89,6 +169,7 @@ def compressibility(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 BUILTINS: dict[str, Callable[[RewardContext], RewardFn]] = {
     "class_confidence": class_confidence,
     "compressibility": lambda ctx: compressibility,
+    "realism": realism,
 }
 
 

@@ -38,7 +38,7 @@ from genpipe.distributed import SINGLE, World
 from genpipe.generator import Generator
 from genpipe.modelio import read_model_file, save_model
 from genpipe.outputs import write_json
-from genpipe.rewards import RewardContext, WeightedReward, build_reward
+from genpipe.rewards import REALISM_SEED_OFFSET, RewardContext, WeightedReward, build_reward
 from genpipe.rl import Policy, Rollout
 from genpipe.runtime import cpu_threads
 from genpipe.spec import StageSpec
@@ -258,7 +258,15 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     gen = load_generator(root / artifacts.TOKENIZER_FILE, prior_path)
     num_classes = int(gen.prior.num_classes)  # type: ignore[arg-type]
     judges = {role: load_judge(root, role, num_classes) for role in artifacts.JUDGE_ROLES}
-    context = RewardContext(judges["reward"], cfg.confidence_cap)
+    context = RewardContext(
+        judges["reward"],
+        cfg.confidence_cap,
+        lambda: load_split("train", root / artifacts.PREPARED),
+        lambda: evaluation.generate(  # the frozen prior: no training has started yet
+            gen, cfg.realism_samples_per_class, num_classes, params.base.seed + REALISM_SEED_OFFSET
+        )[:2],
+        cfg.realism_k,
+    )
     reward = build_reward(cfg.rewards, cfg.reward_entry_points, context, root)
     test_x, _ = load_split("test", root / artifacts.PREPARED)
     ctx = SPEC.start(params, root, cfg.checkpoint_every)
