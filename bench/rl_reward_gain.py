@@ -9,7 +9,9 @@ as the prior file says (as evaluation and serving do) and prints:
   - the reward's mean and per-sample std (the bar: after - before >= 2 pre-RL stds),
   - the KL per sample to the prior at the kept step (averaged over the rail window),
   - the evaluator's class consistency (bar: down at most 2 points) and FID against the test
-    split (bar: at most 1.2x), the reward-hacking check by a judge RL never sees.
+    split (bar: at most 1.2x), the reward-hacking check by a judge RL never sees, with its
+    precision and recall (evaluate.knn_k) to tell a collapse from a spread;
+  - with --grids DIR, before.png and after.png: 16 samples of each class, to look at.
 Two references say how far the reward could go: its mean on the real test images and on
 their tokenizer reconstructions (what the prior can reach at best), and the ideal gain at the
 KL spent: the per-class exponential tilt of the pre-RL samples, p(x) exp(lam r(x)), which
