@@ -61,9 +61,13 @@ def measure(
     per_class: int,
     seed: int,
     knn_k: int,
+    name: str,
 ) -> dict[str, Any]:
+    """Samples as the prior file says, scored by the reward `name` (one term of `reward`) and
+    by the evaluator."""
     images, labels, _ = evaluation.generate(gen, per_class, int(gen.prior.num_classes), seed)
-    total, _ = reward(images, labels)
+    _, parts = reward(images, labels)
+    total = parts[name]
     extractor = evaluation.FeatureExtractor(evaluator)
     real_f, fake_f = (evaluation.features(extractor, x.clamp(0, 1)) for x in (test_x, images))
     return {
@@ -141,6 +145,14 @@ def main() -> None:
         default=None,
         help='module:function for --reward, e.g. "bench.rl_user_rewards:clean_background"',
     )
+    parser.add_argument(
+        "--with",
+        dest="with_",
+        action="append",
+        default=[],
+        metavar="NAME=WEIGHT",
+        help="another built-in reward RL also optimises (the bar stays on --reward alone)",
+    )
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument(
         "--set",
@@ -156,7 +168,8 @@ def main() -> None:
     args = parser.parse_args()
     root = args.root
     params = load_params(args.params or root / "params.yaml")
-    overrides = {"steps": args.steps, "rewards": {args.reward: 1.0}}
+    extra = {k: float(v) for k, _, v in (item.partition("=") for item in args.with_)}
+    overrides = {"steps": args.steps, "rewards": {args.reward: 1.0, **extra}}
     if args.entry_point is not None:
         overrides["reward_entry_points"] = {args.reward: args.entry_point}
     for item in args.set:
@@ -185,10 +198,11 @@ def main() -> None:
     seed, knn = params.base.seed, params.evaluate.knn_k
     with torch.no_grad():
         recon = gen.tokenizer.decode_codes(gen.tokenizer.encode_codes(test_x))
-    real, _ = reward(test_x, test_y)
-    real_recon, _ = reward(recon, test_y)
+    real, real_recon = (reward(x, test_y)[1][args.reward] for x in (test_x, recon))
 
-    before = measure(gen, judges["evaluator"], reward, test_x, args.per_class, seed, knn)
+    before = measure(
+        gen, judges["evaluator"], reward, test_x, args.per_class, seed, knn, args.reward
+    )
     gen.prior.requires_grad_(True)
     policy, _ = finetune.make_policy(gen, cfg)
     start = time.perf_counter()
@@ -199,7 +213,9 @@ def main() -> None:
     secs = time.perf_counter() - start
     policy.net.load_state_dict(result.best["state"])
     policy.net.eval()
-    after = measure(gen, judges["evaluator"], reward, test_x, args.per_class, seed, knn)
+    after = measure(
+        gen, judges["evaluator"], reward, test_x, args.per_class, seed, knn, args.reward
+    )
 
     # ar's KL is to the untruncated prior and starts at the truncation's cost; the tilt
     # reweights the truncated samples, so it gets the KL RL spent beyond that start
@@ -245,16 +261,18 @@ def main() -> None:
     )
     first, kept = result.history[0]["reward_mean"], result.best["reward"]
     print(
-        f"under the RL sampler: reward {first:.4f} at step 0, {kept:.4f} at the kept step "
+        f"under the RL sampler (all of RL's rewards): reward {first:.4f} at step 0, "
+        f"{kept:.4f} at the kept step "
         f"(window mean), {(kept - first) / before['reward_std']:+.2f} pre-RL stds; KL at step 0 "
         f"{kl0:.3f} (ar: the cost of top-k/top-p truncation)"
     )
+    settings = " ".join([*args.set, *(f"with {w}" for w in args.with_)]) or "defaults"
     print(
         "| kind | reward | settings | pre mean ± std | post mean | gain (stds) | gain (SEs) | "
         "KL | ideal gain at KL | consistency | FID ratio | precision | recall |"
     )
     print(
-        f"| {kind} | {args.reward} | {' '.join(args.set) or 'defaults'} | "
+        f"| {kind} | {args.reward} | {settings} | "
         f"{before['reward_mean']:.4f} ± {before['reward_std']:.4f} | {after['reward_mean']:.4f} | "
         f"{gain:+.2f} | {gain_se:+.1f} | {result.best['kl']:.2f} | {ideal_gain:+.2f} | "
         f"{before['consistency']:.3f} -> {after['consistency']:.3f} | {fid_ratio:.2f}x | "
