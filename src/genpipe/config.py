@@ -333,7 +333,7 @@ class Finetune(Section):
         1, ge=1, description="realism: the k-th nearest neighbour whose distance it compares"
     )
     realism_samples_per_class: int = Field(
-        100, ge=2, description="realism: frozen-prior samples per class it compares against"
+        500, ge=2, description="realism: frozen-prior samples per class it compares against"
     )
     cfg_scale: float | None = Field(
         None, ge=0, description="guidance while sampling for RL; null = the prior's own, 1 = off"
