@@ -301,8 +301,9 @@ def run_then_exit(main: Callable[[], None]) -> NoReturn:
     except BaseException:  # noqa: BLE001 - printed, as the interpreter would
         traceback.print_exc()
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # closed: nothing to keep
+                stream.flush()
         os._exit(code)
 
 
