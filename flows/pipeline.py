@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from graphlib import TopologicalSorter
 from pathlib import Path
 from typing import Any
@@ -143,23 +143,28 @@ def run_dvc(*args: str) -> str:
 
 
 @contextlib.contextmanager
-def warm_stages(ready_s: float = 120.0) -> Iterator[None]:
+def warm_stages(ready_s: float = 120.0) -> Iterator[Callable[[], None]]:
     """The stage commands of the `dvc repro` runs started inside run as children of one
-    warm process (flows.warm), which imported torch and MLflow once. If it is not ready
+    warm process (flows.warm), which imported torch and MLflow once. It starts on entry;
+    stage commands use it once the `ready()` this yields has seen it listen, so the caller
+    can start other things while it imports (`main`: the Prefect server). If it is not ready
     within `ready_s` (or dies), each command runs by itself, as it would without it."""
     if os.environ.get(WARM_ENV) or not usable():
-        yield
+        yield lambda: None
         return
     folder = tempfile.mkdtemp(prefix="genpipe-warm-")
     path = os.path.join(folder, "socket")
     # its own session: a Ctrl-C reaches a stage once, through the stage command (flows.warm)
     proc = subprocess.Popen([sys.executable, "-m", "flows.warm", path], start_new_session=True)
-    deadline = time.monotonic() + ready_s
-    while not os.path.exists(path) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    os.environ[WARM_ENV] = path
+
+    def ready() -> None:
+        deadline = time.monotonic() + ready_s
+        while not os.path.exists(path) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.environ[WARM_ENV] = path
+
     try:
-        yield
+        yield ready
     finally:
         os.environ.pop(WARM_ENV, None)
         proc.terminate()
@@ -258,7 +263,8 @@ def build_flows() -> tuple[Any, Any]:
 
     @flow(name="pipeline")
     def pipeline() -> list[dict[str, Any]]:
-        with mlflow_parent(), warm_stages():
+        with mlflow_parent(), warm_stages() as warm_ready:
+            warm_ready()
             return [stage_task.with_options(name=name)(name) for name in stage_order()]
 
     @flow(name="retrain_and_promote", timeout_seconds=TIMEOUT_S)
@@ -325,8 +331,14 @@ def main(argv: list[str] | None = None) -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     flow = pipeline_flow if which == "pipeline" else retrain_and_promote_flow
-    # prefect is imported (and its settings read) already: point this process at the server
-    with local_server() as api_url, temporary_settings({PREFECT_API_URL: api_url}):
+    # prefect is imported (and its settings read) already: point this process at the server.
+    # The warm process imports torch and MLflow while the server starts, not after.
+    with (
+        warm_stages() as warm_ready,
+        local_server() as api_url,
+        temporary_settings({PREFECT_API_URL: api_url}),
+    ):
+        warm_ready()
         try:
             result = flow()
         finally:

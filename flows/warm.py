@@ -26,6 +26,7 @@ of their own) or off Linux (forking a process that imported torch is unsafe on m
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import select
@@ -34,8 +35,9 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 WARM_ENV = "GENPIPE_WARM_SOCKET"  # the warm process's socket, for the stages of one pipeline
 SWITCH_ENV = "GENPIPE_WARM"  # "0": every stage command runs by itself
@@ -56,11 +58,13 @@ def usable() -> bool:
 
 def preload(with_prefect: bool = False) -> None:
     """What every stage process imports, and the MLflow SQL store's modules (~1 s of its
-    set-up); with `with_prefect`, what a stage flow imports too. Nothing that opens a file, a
+    set-up), and torch.export, which MLflow imports (~0.25 s) when a stage logs a model;
+    with `with_prefect`, what a stage flow imports too. Nothing that opens a file, a
     connection or a thread a child would share."""
     import mlflow  # noqa: F401
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     import torch  # noqa: F401
+    import torch.export  # noqa: F401
 
     import flows.stage  # noqa: F401
     import genpipe.runtime  # noqa: F401
@@ -204,6 +208,8 @@ def serve(path: str, done: Callable[[float], bool], with_prefect: bool = False) 
     says so while no child runs (`idle`: seconds since the last one ended)."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds: the socket is removed
     preload(with_prefect)
+    # what it imported stays: a child's collections skip it (a full one took 0.5 s)
+    gc.freeze()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = f"{path}.{os.getpid()}"
     server.bind(tmp)
@@ -280,5 +286,26 @@ def serve_pipeline(path: str) -> None:
     serve(path, lambda _idle: os.getppid() != parent)
 
 
+def run_then_exit(main: Callable[[], None]) -> NoReturn:
+    """Run a warm process's `main`, then end the process without the interpreter's clean-up:
+    with torch and MLflow imported that took 2-3 s (measured), which a pipeline waited for
+    after its last stage. That clean-up has nothing of ours to do: `serve` has removed the
+    socket, and it would not wait for the (daemon) reaper threads either. An error is still
+    printed, and exits 1."""
+    code = 1
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:  # SIGTERM's handler exits 0
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 - printed, as the interpreter would
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # closed: nothing to keep
+                stream.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    serve_pipeline(sys.argv[1])
+    run_then_exit(lambda: serve_pipeline(sys.argv[1]))

@@ -188,4 +188,4 @@ def serve(sock: str, digest: str, idle_s: float) -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], sys.argv[2], float(sys.argv[3]))
+    warm.run_then_exit(lambda: serve(sys.argv[1], sys.argv[2], float(sys.argv[3])))

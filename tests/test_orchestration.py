@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -242,7 +243,9 @@ def _stage_command(tmp_path, warm_socket: str) -> subprocess.CompletedProcess:
 def test_pipeline_stage_commands_run_in_the_warm_process(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("PYTHONPATH", f"{REPO / 'src'}{os.pathsep}{REPO}")
-    with pipeline.warm_stages():
+    with pipeline.warm_stages() as ready:
+        assert "GENPIPE_WARM_SOCKET" not in os.environ  # not named before it listens
+        ready()
         warm = os.environ["GENPIPE_WARM_SOCKET"]
         out = _stage_command(tmp_path, warm)
     # the stage ran (its params refused, exit 2, in the command's own stderr and folder)
@@ -254,6 +257,34 @@ def test_pipeline_stage_commands_run_in_the_warm_process(tmp_path, monkeypatch):
     alone = _stage_command(tmp_path, warm)
     assert alone.stdout.strip().endswith("exit 2 True"), alone.stdout + alone.stderr[-2000:]
     assert "base.seed" in alone.stderr
+
+
+def test_make_repro_starts_the_warm_process_while_the_server_starts(monkeypatch):
+    """Its imports (torch, MLflow) and the Prefect server's start overlap; the flow's stages
+    find it listening."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("PYTHONPATH", f"{REPO / 'src'}{os.pathsep}{REPO}")
+    monkeypatch.delenv("GENPIPE_WARM_SOCKET", raising=False)
+    seen = {}
+
+    @contextlib.contextmanager
+    def server():
+        argvs = []  # a session's Prefect server may be a child too, an ended one a zombie
+        for child in psutil.Process().children():
+            with contextlib.suppress(psutil.Error):
+                argvs.append(child.cmdline()[1:3])
+        seen["warm process beside the server"] = ["-m", "flows.warm"] in argvs
+        yield "http://127.0.0.1:9/api"
+
+    def flow():
+        seen["socket when the flow starts"] = os.path.exists(os.environ["GENPIPE_WARM_SOCKET"])
+        return []
+
+    monkeypatch.setattr(pipeline, "local_server", server)
+    monkeypatch.setattr(pipeline, "pipeline_flow", flow)
+    pipeline.main([])
+    assert seen == {"warm process beside the server": True, "socket when the flow starts": True}
+    assert "GENPIPE_WARM_SOCKET" not in os.environ
 
 
 def _tiny_copies(tmp_path: Path, names: list[str]) -> list[Path]:
