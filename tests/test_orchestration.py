@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -166,6 +167,58 @@ def test_plain_dvc_repro_stages_share_one_server_that_stops_when_idle(prefect_ho
         time.sleep(0.5)
     assert not prefect_server._healthy(first)
     assert not (prefect_home / "genpipe-shared" / "server.json").exists()
+
+
+RUN_WITH_A_SERVER = """
+import signal, time
+from genpipe.prefect_server import local_server
+signal.signal(signal.SIGINT, lambda *_: print("interrupted", flush=True))
+with local_server() as url:
+    print(url, flush=True)
+    time.sleep(600)
+"""
+
+
+def _servers_on(url: str) -> list[psutil.Process]:
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "server" in cmd and "--port" in cmd and cmd[cmd.index("--port") + 1] == port:
+            found.append(proc)
+    return found
+
+
+def test_a_runs_server_is_out_of_ctrl_cs_reach_and_dies_with_the_run(prefect_home):
+    """make repro's server: a Ctrl-C on the terminal reaches the run, not the server (the flow
+    still reports to it how the run ended; a dead one hung make repro for a minute), and the
+    server does not outlive a run killed outright."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
+    run = subprocess.Popen(
+        [sys.executable, "-c", RUN_WITH_A_SERVER],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # a group of its own, as a terminal's foreground job
+    )
+    url = ""
+    try:
+        url = run.stdout.readline().strip()  # local_server bounds the wait for the server
+        assert prefect_server._healthy(url)
+        os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C sends the foreground group
+        assert run.stdout.readline().strip() == "interrupted"
+        time.sleep(1.0)
+        assert prefect_server._healthy(url), "Ctrl-C on the run stopped its server"
+        run.kill()
+        run.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while _servers_on(url) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert not _servers_on(url), "the server outlived its run"
+    finally:
+        run.kill()
+        for proc in _servers_on(url) if url else []:
+            proc.kill()
 
 
 def test_flows_stage_help_lists_the_stages_without_starting_anything():

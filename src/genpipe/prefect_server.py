@@ -51,11 +51,31 @@ def _home() -> Path:
     return Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect"))
 
 
-def _start(port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
+# Run in the server's process before it execs the server: SIGTERM when the run's process
+# (argv[1]) dies, even by SIGKILL or hangup, so no server outlives it (Linux's
+# PR_SET_PDEATHSIG, kept across exec; a no-op elsewhere).
+_EXEC_DYING_WITH_PARENT = """
+import ctypes, os, signal, sys
+if sys.platform == "linux":
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(0)
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+def _start(port: int, log: IO[bytes], own_session: bool = False) -> subprocess.Popen[bytes]:
+    """`prefect server start` on 127.0.0.1:port. With `own_session` (a run's server) it is
+    out of reach of a Ctrl-C on the run's terminal, which reaches the run, and the run then
+    stops it, after the flow has recorded how it ended on it; and it dies with the run."""
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
-    return subprocess.Popen([*cmd, "--port", str(port)], stdout=log, stderr=log, env=env)
+    args = ["-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    if own_session:
+        args = ["-c", _EXEC_DYING_WITH_PARENT, str(os.getpid()), *args]
+    return subprocess.Popen(
+        [sys.executable, *args], stdout=log, stderr=log, env=env, start_new_session=own_session
+    )
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -86,7 +106,7 @@ def local_server(timeout: float = 90.0) -> Iterator[str]:
     log = _home() / "genpipe-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
-        proc = _start(port, out)
+        proc = _start(port, out, own_session=True)
     try:
         _wait_healthy(api_url, proc, timeout, log)
         os.environ["PREFECT_API_URL"] = api_url
