@@ -253,14 +253,31 @@ def hand_off(path: str, argv: list[str], env: dict[str, str]) -> int | None:
     request = {"argv": argv, "sys_argv": sys.argv, "cwd": os.getcwd(), "env": env}
     sys.stdout.flush()
     sys.stderr.flush()
+    # The child is in another session: SIGTERM and SIGINT are forwarded to it. A signal that
+    # comes before its pid (the child may already run) waits for it rather than killing this
+    # command, which would leave the child to the warm process's SIGKILL-style clean-up.
+    child: list[int] = []
+    pending: list[int] = []
+
+    def forward(num: int, _frame: object) -> None:
+        if child:
+            os.kill(child[0], num)
+        else:
+            pending.append(num)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     with conn, conn.makefile("r") as answers:
         try:
             socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [1, 2])
-            pid = int(answers.readline())
-        except (OSError, ValueError):
-            return None  # no child was started
-        for sig in (signal.SIGTERM, signal.SIGINT):  # the child is in another session
-            signal.signal(sig, lambda num, _frame: os.kill(pid, num))
+            child.append(int(answers.readline()))
+        except (OSError, ValueError):  # no child was started: the signals are this command's
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for num in pending:
+                os.kill(os.getpid(), num)
+            return None
+        for num in pending:
+            os.kill(child[0], num)
         code = answers.readline()
     return int(code) if code.strip() else 1  # the warm process died under it
 

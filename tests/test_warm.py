@@ -177,6 +177,41 @@ def test_a_killed_stage_command_stops_its_child(checkout):
                 command.stderr.close()
 
 
+HAND_OFF = "import sys; from flows.warm import hand_off; sys.exit(hand_off(sys.argv[1], [], {}))"
+
+
+def test_a_signal_before_the_childs_pid_is_forwarded_once_it_comes(tmp_path):
+    """The warm process may fork the child before the command has read its pid: a SIGTERM
+    then must wait for the pid and reach the child, not kill the command (which left the
+    child to be stopped only when the warm process noticed the hang-up)."""
+    import socket
+
+    path = str(tmp_path / "sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = subprocess.Popen([sys.executable, "-c", HAND_OFF, path], env=env)
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        server.settimeout(60)
+        conn, _ = server.accept()
+        with conn:
+            socket.recv_fds(conn, 1 << 20, 2)  # the request: the child "is forked" now
+            command.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert command.poll() is None, "the SIGTERM killed the command"
+            conn.sendall(f"{child.pid}\n".encode())
+            assert child.wait(timeout=30) == -signal.SIGTERM  # forwarded once the pid came
+            conn.sendall(b"143\n")
+        assert command.wait(timeout=30) == 143
+    finally:
+        for proc in (command, child):
+            proc.kill()
+            proc.wait()
+        server.close()
+
+
 # A warm process's main, then whether the interpreter's clean-up (an atexit hook) ran.
 QUICK_EXIT = """
 import atexit, sys
