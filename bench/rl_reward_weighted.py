@@ -14,11 +14,13 @@ matching). Each round:
 Every --eval-every rounds it measures, as served, what bench/rl_reward_gain.py measures
 (reward gain in pre-RL stds, the evaluator's consistency, FID, precision and recall on
 --per-class samples per class) against the same bar: gain >= 2 stds, consistency down <= 2
-points, FID <= 1.2x. KL: while the reward climbs, the sum of the rounds' deltas is a LOWER
-bound on the KL of the fitted tilts to the prior (each round's log-ratio lam_i r - log Z_i
-has a mean under the final model at least its mean under its own tilt, delta_i); for a
-Gaussian reward the composed tilt's KL is (sum of sqrt(delta_i))^2; also printed, the KL of
-the cheapest reweighting of the pre-RL samples that reaches the gain measured.
+points, FID <= 1.2x. KL: the sum of the rounds' deltas is the KL the rounds asked for; had
+each round fitted its tilt exactly, it would bound the KL moved from below while the reward
+climbs (each round's log-ratio lam_i r - log Z_i has a mean under the final model at least
+its mean under its own tilt, delta_i), and for a Gaussian reward the composed tilts' KL is
+(sum of sqrt(delta_i))^2. A partial fit moves less, so neither measures the KL moved; the
+KL of the cheapest reweighting of the pre-RL samples that reaches the gain measured does
+bound it from below (roughly: 1,000 samples).
 
   PYTHONPATH=src python bench/rl_reward_weighted.py --root ROOT --reward realism
 """
@@ -38,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.rl_reward_gain import load, measure, solve_tilt, tilt, tilt_weights  # noqa: E402
-from genpipe import artifacts, evaluation, viz  # noqa: E402
+from genpipe import artifacts, viz  # noqa: E402
 from genpipe.config import Finetune, load_params  # noqa: E402
 from genpipe.data.prepared import load_split  # noqa: E402
 from genpipe.generator import Generator  # noqa: E402
@@ -57,6 +59,20 @@ def round_weights(
         n = len(rewards)
         raise ValueError(f"no reweighting of {n} samples reaches KL {delta}: lower --delta")
     return tilt_weights(rewards, labels, alpha).float(), alpha
+
+
+PLAIN = {"cfg_scale": 1.0, "top_k": None, "top_p": None}  # the net's own distribution
+
+
+def draw(
+    gen: Generator, per_class: int, num_classes: int, seed: int, overrides: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class-ordered (images, labels, codes), sampled with the prior file's settings but for
+    `overrides` (as evaluation.generate with none)."""
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    with torch.no_grad():
+        codes = gen.sample_codes(labels, torch.Generator().manual_seed(seed), **overrides)
+        return gen.tokenizer.decode_codes(codes), labels, codes
 
 
 def weighted_loss(
@@ -94,8 +110,34 @@ def main() -> None:
     parser.add_argument("--steps-per-round", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument(
+        "--anchor",
+        type=float,
+        default=0.0,
+        help="weight of the plain training loss on as many train-split codes, added each step "
+        "(a trust region towards the data the prior was trained on; 0 = off)",
+    )
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--per-class", type=int, default=100, help="eval samples per class")
+    parser.add_argument(
+        "--fit-sampler",
+        choices=("plain", "served"),
+        default="plain",
+        help="draw each round's samples without guidance or truncation (plain: a fixed point "
+        "of the fit at equal weights) or as served (guided samples, fitted, compound CFG)",
+    )
+    parser.add_argument(
+        "--fit-steps",
+        type=int,
+        default=None,
+        help="sampling steps of each round's draws (diffusion; default: the prior file's)",
+    )
+    parser.add_argument(
+        "--centred",
+        action="store_true",
+        help="weight by w - 1/N (the reweighting alone: equal weights then train nothing, so "
+        "the fit does not drift where the net already fits its own samples)",
+    )
     parser.add_argument("--grids", type=Path, default=None, help="before.png, after.png here")
     args = parser.parse_args()
     if args.delta <= 0 or args.rounds < 1 or args.group < 2 or args.steps_per_round < 1:
@@ -119,6 +161,14 @@ def main() -> None:
     gen.prior.requires_grad_(True)
     opt = torch.optim.AdamW(gen.prior.parameters(), lr=args.lr, weight_decay=0.0)
     rng = torch.Generator().manual_seed(seed)
+    fit = dict(PLAIN) if args.fit_sampler == "plain" else {}
+    if args.fit_steps is not None:
+        fit["steps"] = args.fit_steps
+    if args.anchor > 0:
+        train_x, train_y = load_split("train", root / artifacts.PREPARED)
+        with torch.no_grad():
+            train_codes = gen.tokenizer.encode_codes(train_x)
+        anchor_x = gen.kind_of.inputs(gen.tokenizer, train_codes, gen.sampling)
     start = time.perf_counter()
     with cpu_threads(torch.device("cpu")):
         before = evaluate()
@@ -128,24 +178,32 @@ def main() -> None:
         after = before
         for r in range(args.rounds):
             gen.prior.eval()
-            images, labels, codes = evaluation.generate(
-                gen, args.group, num_classes, seed + ROUND_SEED_OFFSET + r
+            images, labels, codes = draw(
+                gen, args.group, num_classes, seed + ROUND_SEED_OFFSET + r, fit
             )
             with torch.no_grad():
                 rewards = reward(images, labels)[0]
             w, alpha = round_weights(rewards, labels, args.delta)
+            if args.centred:
+                w = w - 1 / len(w)
             deltas.append(tilt(rewards, labels, alpha)[1])
             x = gen.kind_of.inputs(gen.tokenizer, codes, gen.sampling)
             gen.prior.train()
             for _ in range(args.steps_per_round):
                 opt.zero_grad()
                 loss = weighted_loss(gen, x, labels, w, rng)
+                if args.anchor > 0:
+                    idx = torch.randint(len(anchor_x), (len(x),), generator=rng)
+                    even = torch.full((len(x),), 1 / len(x))
+                    loss = loss + args.anchor * weighted_loss(
+                        gen, anchor_x[idx], train_y[idx], even, rng
+                    )
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(gen.prior.parameters(), args.grad_clip)
                 opt.step()
             gen.prior.eval()
             print(
-                f"round {r + 1}: served reward {float(rewards.mean()):.4f} "
+                f"round {r + 1}: {args.fit_sampler} reward {float(rewards.mean()):.4f} "
                 f"({(float(rewards.mean()) - before['reward_mean']) / before['reward_std']:+.2f} "
                 f"std) alpha {alpha:.2f} loss {float(loss.detach()):.4f} "
                 f"t={time.perf_counter() - start:.0f}s",
@@ -167,11 +225,14 @@ def main() -> None:
     print(
         f"kind={gen.kind} reward={args.reward} rounds={args.rounds} group={args.group} "
         f"delta={args.delta} steps_per_round={args.steps_per_round} lr={args.lr} "
+        f"fit_sampler={args.fit_sampler} fit_steps={args.fit_steps} anchor={args.anchor} "
+        f"centred={args.centred} "
         f"secs={secs:.0f}"
     )
     print(
-        f"KL: sum of deltas {kl_sum:.2f} (lower bound), Gaussian composition {kl_gauss:.2f}, "
-        f"cheapest reweighting of the pre-RL samples to this gain {kl_tilt:.2f}"
+        f"KL asked for: sum of deltas {kl_sum:.2f}, as composed Gaussian tilts {kl_gauss:.2f}; "
+        f"KL moved at least (cheapest reweighting of the pre-RL samples to this gain) "
+        f"{kl_tilt:.2f}"
     )
     print(
         "| kind | reward | settings | pre mean ± std | post mean | gain (stds) | sum delta | "
@@ -179,7 +240,8 @@ def main() -> None:
     )
     print(
         f"| {gen.kind} | {args.reward} | {args.rounds} rounds x {args.group}/class, delta "
-        f"{args.delta}, {args.steps_per_round} steps, lr {args.lr} | "
+        f"{args.delta}, {args.steps_per_round} steps, lr {args.lr}, {args.fit_sampler}, "
+        f"anchor {args.anchor}{', centred' if args.centred else ''} | "
         f"{before['reward_mean']:.4f} ± {before['reward_std']:.4f} | {after['reward_mean']:.4f} | "
         f"{gain:+.2f} | {kl_sum:.2f} | {before['consistency']:.3f} -> {after['consistency']:.3f} | "
         f"{ratio:.2f}x | {before['precision']:.2f} -> {after['precision']:.2f} | "
