@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from genpipe import artifacts, evaluation, viz  # noqa: E402
 from genpipe.artifacts.generator import load_generator  # noqa: E402
 from genpipe.artifacts.judges import load_judge  # noqa: E402
-from genpipe.config import Finetune, load_params, read_params_yaml  # noqa: E402
+from genpipe.config import Finetune, Params, load_params, read_params_yaml  # noqa: E402
 from genpipe.data.prepared import load_split  # noqa: E402
 from genpipe.generator import Generator  # noqa: E402
 from genpipe.rewards import (  # noqa: E402
@@ -135,6 +135,28 @@ def ideal(rewards: torch.Tensor, labels: torch.Tensor, kl: float) -> tuple[float
     return gain, tilt(rewards, labels, lam2)[1] if math.isfinite(lam2) else math.inf
 
 
+def load(
+    root: Path, params: Params, cfg: Finetune
+) -> tuple[Generator, dict[str, torch.nn.Module], WeightedReward]:
+    """The pipeline under `root`: its generator (frozen), its judges by role and the reward
+    `cfg.rewards` names, built as the finetune stage builds it."""
+    gen = load_generator(root / artifacts.TOKENIZER_FILE, root / artifacts.PRIOR / "prior.pt")
+    gen = gen.requires_grad_(False)
+    num_classes = int(gen.prior.num_classes)  # type: ignore[arg-type]
+    judges = {role: load_judge(root, role, num_classes) for role in artifacts.JUDGE_ROLES}
+    context = RewardContext(
+        judges["reward"],
+        cfg.confidence_cap,
+        lambda: load_split("train", root / artifacts.PREPARED),
+        lambda: evaluation.generate(
+            gen, cfg.realism_samples_per_class, num_classes, params.base.seed + REALISM_SEED_OFFSET
+        )[:2],
+        cfg.realism_k,
+    )
+    project = Path(__file__).resolve().parents[1]  # where bench.rl_user_rewards imports from
+    return gen, judges, build_reward(cfg.rewards, cfg.reward_entry_points, context, project)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("."))
@@ -179,21 +201,8 @@ def main() -> None:
     cfg = Finetune.model_validate({**params.finetune.model_dump(), **overrides})
     torch.manual_seed(params.base.seed)
 
-    gen = load_generator(root / artifacts.TOKENIZER_FILE, root / artifacts.PRIOR / "prior.pt")
-    gen = gen.requires_grad_(False)
+    gen, judges, reward = load(root, params, cfg)
     num_classes = int(gen.prior.num_classes)  # type: ignore[arg-type]
-    judges = {role: load_judge(root, role, num_classes) for role in artifacts.JUDGE_ROLES}
-    context = RewardContext(
-        judges["reward"],
-        cfg.confidence_cap,
-        lambda: load_split("train", root / artifacts.PREPARED),
-        lambda: evaluation.generate(
-            gen, cfg.realism_samples_per_class, num_classes, params.base.seed + REALISM_SEED_OFFSET
-        )[:2],
-        cfg.realism_k,
-    )
-    project = Path(__file__).resolve().parents[1]  # where bench.rl_user_rewards imports from
-    reward = build_reward(cfg.rewards, cfg.reward_entry_points, context, project)
     test_x, test_y = load_split("test", root / artifacts.PREPARED)
     seed, knn = params.base.seed, params.evaluate.knn_k
     with torch.no_grad():

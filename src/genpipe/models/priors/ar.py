@@ -75,9 +75,17 @@ class ARPrior(CodeTransformer):
     ) -> torch.Tensor:
         """Mean next-code cross-entropy (nats), with class dropout drawn from `generator` when
         training."""
+        return self.sample_losses(codes, labels, generator).mean()
+
+    def sample_losses(
+        self, codes: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """`loss` per sample (B,): each grid's mean next-code cross-entropy, so that a
+        reward-weighted fit (bench/rl_reward_weighted.py) can weight whole samples."""
         drop = self.drop_labels(labels, generator) if self.training else None
-        logits = self(codes, labels, drop)
-        return F.cross_entropy(logits.flatten(0, 1).float(), self._flat(codes).flatten())
+        logits = self(codes, labels, drop).float()
+        flat = self._flat(codes)
+        return F.cross_entropy(logits.transpose(1, 2), flat, reduction="none").mean(1)
 
     def _guided_logits(
         self, codes: torch.Tensor, labels: torch.Tensor, cfg_scale: float
@@ -241,6 +249,13 @@ class ARKind(CodeTransformerKind):
     def sample_codes(self, gen: Generator, labels: Tensor, rng: RNG, **s: Any) -> Tensor:
         assert isinstance(gen.prior, ARPrior)
         return gen.prior.sample(labels, rng, **token_sampling(s))
+
+    def sample_losses(
+        self, net: nn.Module, settings: Settings, x: Tensor, y: Tensor, rng: RNG
+    ) -> Tensor:
+        """The training loss per sample (B,); weighted, a reward-weighted fit."""
+        assert isinstance(net, ARPrior)
+        return net.sample_losses(x, y, rng)
 
     def policy(self, gen: Generator, reference: nn.Module, cfg: Finetune, cfg_scale: float):
         return ARPolicy(gen, reference, cfg, cfg_scale)
