@@ -44,8 +44,6 @@ from genpipe.config import Finetune, Params, load_params, read_params_yaml  # no
 from genpipe.data.prepared import load_split  # noqa: E402
 from genpipe.generator import Generator  # noqa: E402
 from genpipe.rewards import (  # noqa: E402
-    REALISM_SEED_OFFSET,
-    RewardContext,
     WeightedReward,
     build_reward,
 )  # noqa: E402
@@ -144,17 +142,18 @@ def load(
     gen = gen.requires_grad_(False)
     num_classes = int(gen.prior.num_classes)  # type: ignore[arg-type]
     judges = {role: load_judge(root, role, num_classes) for role in artifacts.JUDGE_ROLES}
-    context = RewardContext(
-        judges["reward"],
-        cfg.confidence_cap,
-        lambda: load_split("train", root / artifacts.PREPARED),
-        lambda: evaluation.generate(
-            gen, cfg.realism_samples_per_class, num_classes, params.base.seed + REALISM_SEED_OFFSET
-        )[:2],
-        cfg.realism_k,
-    )
+    context = finetune.reward_context(gen, judges["reward"], cfg, params.base.seed, root)
     project = Path(__file__).resolve().parents[1]  # where bench.rl_user_rewards imports from
     return gen, judges, build_reward(cfg.rewards, cfg.reward_entry_points, context, project)
+
+
+def save_grids(
+    folder: Path, before: dict[str, Any], after: dict[str, Any], per_class: int, classes: int
+) -> None:
+    """before.png and after.png: 16 of `measure`'s samples per class, a row per class."""
+    for name, m in (("before", before), ("after", after)):
+        grid = viz.class_grid(m["images"], per_class, classes, show=16)
+        viz.save_png(grid, folder / f"{name}.png")
 
 
 def main() -> None:
@@ -250,9 +249,8 @@ def main() -> None:
             f"{name:<14}{m['reward_mean']:>12.4f}{m['reward_std']:>12.4f}{m['consistency']:>12.3f}"
             f"{m['fid']:>12.3f}{m['precision']:>12.3f}{m['recall']:>12.3f}"
         )
-        if args.grids is not None:
-            grid = viz.class_grid(m["images"], args.per_class, num_classes, show=16)
-            viz.save_png(grid, args.grids / f"{name}.png")
+    if args.grids is not None:
+        save_grids(args.grids, before, after, args.per_class, num_classes)
     print(
         f"reward gain {gain:+.2f} pre-RL stds (bar >= 2) | KL at the kept step "
         f"{result.best['kl']:.3f} nats/sample | consistency {-drop:+.1f} points (bar >= -2) | "

@@ -39,8 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.rl_reward_gain import load, measure, solve_tilt, tilt, tilt_weights  # noqa: E402
-from genpipe import artifacts, viz  # noqa: E402
+from bench.rl_reward_gain import load, measure, save_grids, solve_tilt, tilt, tilt_weights  # noqa: E402
+from genpipe import artifacts  # noqa: E402
 from genpipe.config import Finetune, load_params  # noqa: E402
 from genpipe.data.prepared import load_split  # noqa: E402
 from genpipe.generator import Generator  # noqa: E402
@@ -219,9 +219,7 @@ def main() -> None:
     lam = solve_tilt(before["rewards"], before["labels"], 0, target)
     kl_tilt = tilt(before["rewards"], before["labels"], lam)[1] if math.isfinite(lam) else math.inf
     if args.grids is not None:
-        for name, m in (("before", before), ("after", after)):
-            grid = viz.class_grid(m["images"], args.per_class, num_classes, show=16)
-            viz.save_png(grid, args.grids / f"{name}.png")
+        save_grids(args.grids, before, after, args.per_class, num_classes)
     print(
         f"kind={gen.kind} reward={args.reward} rounds={args.rounds} group={args.group} "
         f"delta={args.delta} steps_per_round={args.steps_per_round} lr={args.lr} "

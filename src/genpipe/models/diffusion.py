@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from genpipe.models.priors.diffusion import Denoiser
@@ -145,13 +144,20 @@ class Formulation:
     ) -> torch.Tensor:
         """Mean squared error of the net against this formulation's target at a random time;
         labels are dropped to the null class with the net's class_dropout when training."""
+        return self.sample_losses(net, x0, labels, generator).mean()
+
+    def sample_losses(
+        self, net: Denoiser, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """`loss` per sample (B,): weighted by rewards it fits the reward-tilted marginal that
+        the ODE sampler then draws (bench/rl_reward_weighted.py)."""
         t = self.train_time(x0.shape[0], generator).to(x0.device)
         eps = _randn(x0.shape, generator, x0.device)
         alpha, sigma, _, _ = self.schedule(t)
         x_t = _bc(alpha, x0) * x0 + _bc(sigma, x0) * eps
         drop = net.drop_labels(labels, generator) if net.training else None
         out = net(_bc(self.c_in(t), x0) * x_t, self.c_noise(t), labels, drop)
-        return F.mse_loss(out.float(), self.target(x0, eps, t).float())
+        return (out.float() - self.target(x0, eps, t).float()).square().flatten(1).mean(1)
 
 
 class FlowMatching(Formulation):

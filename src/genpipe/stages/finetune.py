@@ -251,6 +251,23 @@ def score(
     }, images
 
 
+def reward_context(
+    gen: Generator, judge: nn.Module, cfg: Finetune, seed: int, root: Path
+) -> RewardContext:
+    """What built-in rewards read: the reward judge, and lazily (only `realism` asks) the
+    train split and a draw of the prior as it is now, which must be before any training."""
+    num_classes = int(gen.prior.num_classes)  # type: ignore[arg-type]
+    return RewardContext(
+        judge,
+        cfg.confidence_cap,
+        lambda: load_split("train", root / artifacts.PREPARED),
+        lambda: evaluation.generate(
+            gen, cfg.realism_samples_per_class, num_classes, seed + REALISM_SEED_OFFSET
+        )[:2],
+        cfg.realism_k,
+    )
+
+
 def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     cfg = params.finetune
     prior_path = root / artifacts.PRIOR / artifacts.PRIOR_FILE
@@ -258,15 +275,7 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     gen = load_generator(root / artifacts.TOKENIZER_FILE, prior_path)
     num_classes = int(gen.prior.num_classes)  # type: ignore[arg-type]
     judges = {role: load_judge(root, role, num_classes) for role in artifacts.JUDGE_ROLES}
-    context = RewardContext(
-        judges["reward"],
-        cfg.confidence_cap,
-        lambda: load_split("train", root / artifacts.PREPARED),
-        lambda: evaluation.generate(  # the frozen prior: no training has started yet
-            gen, cfg.realism_samples_per_class, num_classes, params.base.seed + REALISM_SEED_OFFSET
-        )[:2],
-        cfg.realism_k,
-    )
+    context = reward_context(gen, judges["reward"], cfg, params.base.seed, root)
     reward = build_reward(cfg.rewards, cfg.reward_entry_points, context, root)
     test_x, _ = load_split("test", root / artifacts.PREPARED)
     ctx = SPEC.start(params, root, cfg.checkpoint_every)

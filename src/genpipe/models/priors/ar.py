@@ -75,7 +75,9 @@ class ARPrior(CodeTransformer):
     ) -> torch.Tensor:
         """Mean next-code cross-entropy (nats), with class dropout drawn from `generator` when
         training."""
-        return self.sample_losses(codes, labels, generator).mean()
+        drop = self.drop_labels(labels, generator) if self.training else None
+        logits = self(codes, labels, drop)
+        return F.cross_entropy(logits.flatten(0, 1).float(), self._flat(codes).flatten())
 
     def sample_losses(
         self, codes: torch.Tensor, labels: torch.Tensor, generator: torch.Generator

@@ -15,10 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genpipe.models.diffusion import (
-    Formulation,
     Trajectory,
-    _bc,
-    _randn,
     ddim_step,
     guidance_at,
     make_formulation,
@@ -140,21 +137,6 @@ class Denoiser(ClassConditional):
         return out.transpose(1, 2).reshape(b, d, h, w)
 
 
-def sample_losses(
-    form: Formulation, net: Denoiser, x0: Tensor, labels: Tensor, generator: RNG
-) -> Tensor:
-    """`form.loss` per sample (B,), with the same draws of time, noise and class dropout in the
-    same order, so that equal weights give `form.loss` itself; weighted by rewards it fits the
-    reward-tilted marginal that the ODE sampler then draws (bench/rl_reward_weighted.py)."""
-    t = form.train_time(x0.shape[0], generator).to(x0.device)
-    eps = _randn(x0.shape, generator, x0.device)
-    alpha, sigma, _, _ = form.schedule(t)
-    x_t = _bc(alpha, x0) * x0 + _bc(sigma, x0) * eps
-    drop = net.drop_labels(labels, generator) if net.training else None
-    out = net(_bc(form.c_in(t), x0) * x_t, form.c_noise(t), labels, drop)
-    return (out.float() - form.target(x0, eps, t).float()).square().flatten(1).mean(1)
-
-
 # ---------------------------------------------------------------- the kind
 
 
@@ -209,7 +191,7 @@ class DiffusionKind(PriorKind):
     ) -> Tensor:
         """The training loss per sample (B,); weighted, a reward-weighted fit."""
         assert isinstance(net, Denoiser)
-        return sample_losses(make_formulation(**(settings or {})), net, x, y, rng)
+        return make_formulation(**(settings or {})).sample_losses(net, x, y, rng)
 
     def validate(
         self, net: nn.Module, settings: Settings, x: Tensor, y: Tensor, seed: int
