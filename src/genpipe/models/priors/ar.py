@@ -75,9 +75,7 @@ class ARPrior(CodeTransformer):
     ) -> torch.Tensor:
         """Mean next-code cross-entropy (nats), with class dropout drawn from `generator` when
         training."""
-        drop = self.drop_labels(labels, generator) if self.training else None
-        logits = self(codes, labels, drop)
-        return F.cross_entropy(logits.flatten(0, 1).float(), self._flat(codes).flatten())
+        return self.sample_losses(codes, labels, generator).mean()
 
     def sample_losses(
         self, codes: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
@@ -85,9 +83,10 @@ class ARPrior(CodeTransformer):
         """`loss` per sample (B,): each grid's mean next-code cross-entropy, so that a
         reward-weighted fit (bench/rl_reward_weighted.py) can weight whole samples."""
         drop = self.drop_labels(labels, generator) if self.training else None
-        logits = self(codes, labels, drop).float()
+        logits = self(codes, labels, drop)
         flat = self._flat(codes)
-        return F.cross_entropy(logits.transpose(1, 2), flat, reduction="none").mean(1)
+        per_code = F.cross_entropy(logits.flatten(0, 1).float(), flat.flatten(), reduction="none")
+        return per_code.view(flat.shape).mean(1)
 
     def _guided_logits(
         self, codes: torch.Tensor, labels: torch.Tensor, cfg_scale: float
