@@ -64,17 +64,17 @@ os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 """
 
 
-def _start(port: int, log: IO[bytes], own_session: bool = False) -> subprocess.Popen[bytes]:
-    """`prefect server start` on 127.0.0.1:port. With `own_session` (a run's server) it is
-    out of reach of a Ctrl-C on the run's terminal, which reaches the run, and the run then
-    stops it, after the flow has recorded how it ended on it; and it dies with the run."""
+def _start(port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """`prefect server start` on 127.0.0.1:port, in its own session: a Ctrl-C on the run's
+    terminal reaches the run, which stops the server after the flow has recorded on it how the
+    run ended; and it dies with the process that started it (a run, or the shared server's
+    supervisor), even one killed outright."""
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    args = ["-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    if own_session:
-        args = ["-c", _EXEC_DYING_WITH_PARENT, str(os.getpid()), *args]
+    server = ["-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    args = ["-c", _EXEC_DYING_WITH_PARENT, str(os.getpid()), *server]
     return subprocess.Popen(
-        [sys.executable, *args], stdout=log, stderr=log, env=env, start_new_session=own_session
+        [sys.executable, *args], stdout=log, stderr=log, env=env, start_new_session=True
     )
 
 
@@ -106,7 +106,7 @@ def local_server(timeout: float = 90.0) -> Iterator[str]:
     log = _home() / "genpipe-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
-        proc = _start(port, out, own_session=True)
+        proc = _start(port, out)
     try:
         _wait_healthy(api_url, proc, timeout, log)
         os.environ["PREFECT_API_URL"] = api_url
