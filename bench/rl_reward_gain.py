@@ -43,10 +43,7 @@ from genpipe.artifacts.judges import load_judge  # noqa: E402
 from genpipe.config import Finetune, Params, load_params, read_params_yaml  # noqa: E402
 from genpipe.data.prepared import load_split  # noqa: E402
 from genpipe.generator import Generator  # noqa: E402
-from genpipe.rewards import (  # noqa: E402
-    WeightedReward,
-    build_reward,
-)  # noqa: E402
+from genpipe.rewards import WeightedReward, build_reward  # noqa: E402
 from genpipe.runtime import cpu_threads  # noqa: E402
 from genpipe.stages import finetune  # noqa: E402
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.rl_reward_gain import load, measure, save_grids, solve_tilt, tilt, tilt_weights  # noqa: E402
-from genpipe import artifacts  # noqa: E402
+from genpipe import artifacts, evaluation  # noqa: E402
 from genpipe.config import Finetune, load_params  # noqa: E402
 from genpipe.data.prepared import load_split  # noqa: E402
 from genpipe.generator import Generator  # noqa: E402
@@ -62,17 +62,6 @@ def round_weights(
 
 
 PLAIN = {"cfg_scale": 1.0, "top_k": None, "top_p": None}  # the net's own distribution
-
-
-def draw(
-    gen: Generator, per_class: int, num_classes: int, seed: int, overrides: dict[str, Any]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Class-ordered (images, labels, codes), sampled with the prior file's settings but for
-    `overrides` (as evaluation.generate with none)."""
-    labels = torch.arange(num_classes).repeat_interleave(per_class)
-    with torch.no_grad():
-        codes = gen.sample_codes(labels, torch.Generator().manual_seed(seed), **overrides)
-        return gen.tokenizer.decode_codes(codes), labels, codes
 
 
 def weighted_loss(
@@ -178,9 +167,10 @@ def main() -> None:
         after = before
         for r in range(args.rounds):
             gen.prior.eval()
-            images, labels, codes = draw(
-                gen, args.group, num_classes, seed + ROUND_SEED_OFFSET + r, fit
-            )
+            with torch.no_grad():
+                images, labels, codes = evaluation.generate(
+                    gen, args.group, num_classes, seed + ROUND_SEED_OFFSET + r, **fit
+                )
             with torch.no_grad():
                 rewards = reward(images, labels)[0]
             w, alpha = round_weights(rewards, labels, args.delta)

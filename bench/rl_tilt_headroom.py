@@ -53,6 +53,7 @@ from genpipe.artifacts.judges import load_judge  # noqa: E402
 from genpipe.config import load_params  # noqa: E402
 from genpipe.data.prepared import load_split  # noqa: E402
 from genpipe.generator import Generator  # noqa: E402
+from genpipe.stages import finetune  # noqa: E402
 
 USER_REWARDS = (
     "clean_background",
@@ -226,16 +227,9 @@ def report(
         "ESS | consistency | FID ratio raw | FID ratio corrected ± sd | best gain within bar |"
     )
     cfg = params.finetune
-    realism_seed = seed + rewards.REALISM_SEED_OFFSET
-    ctx = rewards.RewardContext(
-        judges["reward"],
-        cfg.confidence_cap,
-        lambda: load_split("train", root / artifacts.PREPARED),
-        lambda: evaluation.generate(gen, cfg.realism_samples_per_class, num_classes, realism_seed)[
-            :2
-        ],
-        cfg.realism_k if realism_k is None else realism_k,
-    )
+    if realism_k is not None:
+        cfg = cfg.model_copy(update={"realism_k": realism_k})
+    ctx = finetune.reward_context(gen, judges["reward"], cfg, seed, root)
     for name, fn in candidates(ctx, only).items():
         r = fn(images, labels).double()
         mean, std = float(r.mean()), float(r.std())

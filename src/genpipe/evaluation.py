@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -199,12 +199,13 @@ def reconstruction(model: VQAutoencoder, x: torch.Tensor, device: torch.device) 
 
 
 def generate(
-    gen: Generator, per_class: int, num_classes: int, seed: int
+    gen: Generator, per_class: int, num_classes: int, seed: int, **overrides: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Class-ordered samples on the CPU: images, their requested labels and their codes."""
+    """Class-ordered samples on the CPU: images, their requested labels and their codes,
+    sampled as the prior file says but for `overrides` (e.g. cfg_scale)."""
     device = next(gen.parameters()).device
     labels = torch.arange(num_classes).repeat_interleave(per_class)
-    codes = gen.sample_codes(labels.to(device), torch.Generator().manual_seed(seed))
+    codes = gen.sample_codes(labels.to(device), torch.Generator().manual_seed(seed), **overrides)
     with torch.no_grad():
         images = gen.tokenizer.decode_codes(codes)
     return images.cpu(), labels, codes.cpu()
