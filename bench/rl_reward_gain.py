@@ -11,7 +11,10 @@ as the prior file says (as evaluation and serving do) and prints:
   - the evaluator's class consistency (bar: down at most 2 points) and FID against the test
     split (bar: at most 1.2x), the reward-hacking check by a judge RL never sees, with its
     precision and recall (evaluate.knn_k) to tell a collapse from a spread;
-  - with --grids DIR, before.png and after.png: 16 samples of each class, to look at.
+  - with --grids DIR, before.png and after.png: 16 samples of each class, to look at;
+  - with --curve-every N, while RL runs, every N steps: the window-mean reward in pre-RL stds
+    and the KL beyond step 0, against the ideal gain at that KL (whether RL's gain per nat
+    approaches the ideal's as it trains longer), also written to --curve CSV if given.
 Two references say how far the reward could go: its mean on the real test images and on
 their tokenizer reconstructions (what the prior can reach at best), and the ideal gain at the
 KL spent: the per-class exponential tilt of the pre-RL samples, p(x) exp(lam r(x)), which
@@ -26,6 +29,7 @@ prior.kind: diffusion and point --root there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -37,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from genpipe import artifacts, evaluation, viz  # noqa: E402
+from genpipe import artifacts, curves, evaluation, viz  # noqa: E402
 from genpipe.artifacts.generator import load_generator  # noqa: E402
 from genpipe.artifacts.judges import load_judge  # noqa: E402
 from genpipe.config import Finetune, Params, load_params, read_params_yaml  # noqa: E402
@@ -130,6 +134,61 @@ def ideal(rewards: torch.Tensor, labels: torch.Tensor, kl: float) -> tuple[float
     return gain, tilt(rewards, labels, lam2)[1] if math.isfinite(lam2) else math.inf
 
 
+def curve_point(
+    recent: list[dict[str, float]],
+    name: str,
+    kl0: float,
+    rewards: torch.Tensor,
+    labels: torch.Tensor,
+) -> dict[str, float]:
+    """One point of the gain-vs-KL curve from the last training rows `recent` (the rail
+    window, as the kept step is picked): the reward term `name`'s mean over them in pre-RL
+    stds above the pre-RL samples' mean (`rewards`, `labels`: the bench's `before`), their
+    mean KL beyond step 0's `kl0`, the ideal tilt's gain at that KL and RL's share of it.
+    Under RL's own sampler: the served one for ar, not for diffusion."""
+    kl = sum(r["kl"] for r in recent) / len(recent) - kl0
+    mean = sum(r[f"reward_{name}"] for r in recent) / len(recent)
+    gain = (mean - float(rewards.mean())) / float(rewards.std())
+    ideal_gain = ideal(rewards, labels, kl)[0]
+    share = gain / ideal_gain if ideal_gain > 0 else math.nan
+    step = recent[-1]["step"]
+    return {"step": step, "gain": gain, "kl": kl, "ideal_gain": ideal_gain, "share": share}
+
+
+def curve_printer(
+    every: int,
+    window: int,
+    name: str,
+    rewards: torch.Tensor,
+    labels: torch.Tensor,
+    out: Path | None,
+) -> curves.Sink:
+    """A sink for finetune.train's rows that prints (and appends to `out`, a CSV) a
+    `curve_point` over the last `window` rows every `every` steps, the KL at step 0 read
+    from the first row."""
+    rows: list[dict[str, float]] = []
+
+    def sink(row: dict[str, float]) -> None:
+        rows.append(row)
+        if row["step"] % every:
+            return
+        point = curve_point(rows[-window:], name, rows[0]["kl"], rewards, labels)
+        print(
+            f"curve step {point['step']:>5.0f}: gain {point['gain']:+.2f} stds at KL "
+            f"{point['kl']:.2f} beyond step 0; ideal {point['ideal_gain']:+.2f} "
+            f"(share {point['share']:.0%})",
+            flush=True,
+        )
+        if out is not None:
+            new = not out.exists()
+            with out.open("a") as f:
+                if new:
+                    f.write(",".join(point) + "\n")
+                f.write(",".join(f"{v:.6g}" for v in point.values()) + "\n")
+
+    return sink
+
+
 def load(
     root: Path, params: Params, cfg: Finetune
 ) -> tuple[Generator, dict[str, torch.nn.Module], WeightedReward]:
@@ -183,6 +242,19 @@ def main() -> None:
     parser.add_argument(
         "--grids", type=Path, default=None, help="write before.png and after.png sample grids here"
     )
+    parser.add_argument(
+        "--curve-every",
+        type=int,
+        default=0,
+        help="print RL's gain against the ideal at its KL every N steps (0: never)",
+    )
+    parser.add_argument("--curve", type=Path, default=None, help="also append that curve here")
+    parser.add_argument(
+        "--rl-seed",
+        type=int,
+        default=None,
+        help="seed of RL's rollouts only (default base.seed); evaluation keeps base.seed",
+    )
     args = parser.parse_args()
     root = args.root
     params = load_params(args.params or root / "params.yaml")
@@ -195,7 +267,8 @@ def main() -> None:
         overrides[key] = read_params_yaml(value)
     # validated as params.yaml would be: a wrong key or value stops here, before any work
     cfg = Finetune.model_validate({**params.finetune.model_dump(), **overrides})
-    torch.manual_seed(params.base.seed)
+    rl_seed = params.base.seed if args.rl_seed is None else args.rl_seed
+    torch.manual_seed(rl_seed)
 
     gen, judges, reward = load(root, params, cfg)
     num_classes = int(gen.prior.num_classes)  # type: ignore[arg-type]
@@ -211,9 +284,20 @@ def main() -> None:
     gen.prior.requires_grad_(True)
     policy, _ = finetune.make_policy(gen, cfg)
     start = time.perf_counter()
-    with cpu_threads(torch.device("cpu")):  # as the stage: small batches, one thread
+    curve = contextlib.nullcontext()
+    if args.curve_every:
+        sink = curve_printer(
+            args.curve_every,
+            cfg.rail_window,
+            args.reward,
+            before["rewards"],
+            before["labels"],
+            args.curve,
+        )
+        curve = curves.to(sink)
+    with cpu_threads(torch.device("cpu")), curve:  # as the stage: small batches, one thread
         result = finetune.train(
-            policy, reward, cfg, num_classes, torch.Generator().manual_seed(seed)
+            policy, reward, cfg, num_classes, torch.Generator().manual_seed(rl_seed)
         )
     secs = time.perf_counter() - start
     policy.net.load_state_dict(result.best["state"])

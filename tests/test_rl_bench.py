@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from bench.rl_reward_gain import ideal
+from bench.rl_reward_gain import curve_point, curve_printer, ideal
 from bench.rl_tilt_headroom import (
     Samples,
     effective_size,
@@ -51,6 +51,45 @@ def test_ideal_tilt_cannot_trade_one_class_for_another():
     gain, kl_for_two = ideal(rewards, labels, 1.0)
     assert gain == pytest.approx(0.0, abs=1e-6)
     assert math.isinf(kl_for_two)
+
+
+def _row(step: int, reward: float, kl: float) -> dict[str, float]:
+    """A training row as finetune.train emits it, the bar's reward term named `realism`."""
+    return {"step": step, "kl": kl, "reward_realism": reward, "reward_mean": 99.0}
+
+
+def test_curve_point_reads_the_window_of_the_named_term_against_the_ideal():
+    """RL at +1 std for KL 0.5 beyond step 0, on a Gaussian reward: the tilt's gain at KL 0.5
+    is sqrt(2 * 0.5) = 1 std, so RL's share is ~100%. The window's mean (not its last row)
+    counts, the KL at step 0 (ar's truncation cost) is taken off, and the bar's term, not
+    RL's whole reward, is read."""
+    g = torch.Generator().manual_seed(0)
+    rewards = 2.0 + 3.0 * torch.randn(4_000, generator=g)
+    labels = torch.arange(4_000) % 4
+    mean, std = float(rewards.mean()), float(rewards.std())
+    kl0 = 0.8
+    recent = [_row(7, mean, kl0 + 0.3), _row(8, mean + 2 * std, kl0 + 0.7)]
+    point = curve_point(recent, "realism", kl0, rewards, labels)
+    assert point["step"] == 8
+    assert point["gain"] == pytest.approx(1.0, abs=1e-6)
+    assert point["kl"] == pytest.approx(0.5, abs=1e-6)
+    assert point["ideal_gain"] == pytest.approx(1.0, abs=0.1)
+    assert point["share"] == pytest.approx(1.0, abs=0.1)
+
+
+def test_curve_printer_writes_a_point_every_n_steps(tmp_path, capsys):
+    rewards = torch.linspace(-1, 1, 100)
+    labels = torch.zeros(100, dtype=torch.long)
+    out = tmp_path / "curve.csv"
+    sink = curve_printer(3, 2, "realism", rewards, labels, out)
+    for step in range(8):
+        sink(_row(step, 0.1 * step, 1.0 + 0.1 * step))
+    lines = out.read_text().splitlines()
+    assert lines[0] == "step,gain,kl,ideal_gain,share"
+    assert [float(line.split(",")[0]) for line in lines[1:]] == [0, 3, 6]
+    # step 6's window is steps 5 and 6: KL (1.5 + 1.6) / 2 less step 0's 1.0
+    assert float(lines[3].split(",")[2]) == pytest.approx(0.55, abs=1e-5)
+    assert capsys.readouterr().out.count("curve step") == 3
 
 
 def _with_background(level: float) -> torch.Tensor:
