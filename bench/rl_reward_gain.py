@@ -134,6 +134,9 @@ def ideal(rewards: torch.Tensor, labels: torch.Tensor, kl: float) -> tuple[float
     return gain, tilt(rewards, labels, lam2)[1] if math.isfinite(lam2) else math.inf
 
 
+MIN_IDEAL = 0.05  # stds: below this the ideal gain is ~0 and RL's share of it is noise
+
+
 def curve_point(
     recent: list[dict[str, float]],
     name: str,
@@ -150,7 +153,7 @@ def curve_point(
     mean = sum(r[f"reward_{name}"] for r in recent) / len(recent)
     gain = (mean - float(rewards.mean())) / float(rewards.std())
     ideal_gain = ideal(rewards, labels, kl)[0]
-    share = gain / ideal_gain if ideal_gain > 0 else math.nan
+    share = gain / ideal_gain if ideal_gain > MIN_IDEAL else math.nan  # not at KL ~0
     step = recent[-1]["step"]
     return {"step": step, "gain": gain, "kl": kl, "ideal_gain": ideal_gain, "share": share}
 

@@ -75,6 +75,8 @@ def test_curve_point_reads_the_window_of_the_named_term_against_the_ideal():
     assert point["kl"] == pytest.approx(0.5, abs=1e-6)
     assert point["ideal_gain"] == pytest.approx(1.0, abs=0.1)
     assert point["share"] == pytest.approx(1.0, abs=0.1)
+    at_start = curve_point([_row(0, mean + 0.1 * std, kl0)], "realism", kl0, rewards, labels)
+    assert math.isnan(at_start["share"])  # no KL spent, no ideal gain to share
 
 
 def test_curve_printer_writes_a_point_every_n_steps(tmp_path, capsys):
