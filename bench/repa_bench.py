@@ -5,11 +5,12 @@ alignment and once with `--weight`/`--depth`, from the same init, batches, noise
 draws (the alignment head has its own RNG). Every `--every` steps it samples `--per-class`
 images per class from the EMA weights (the weights the stage would save) and scores them with
 the evaluator judge: class consistency and FID ratio (FID to the test split over FID of as
-many real train images). It prints the first checkpoint reaching each bar, then the final
-figures at `--final-per-class` (evaluate's default, 100) with mean +- std over seeds.
-Checkpoint figures use fewer samples than the final ones, so the FID ratio there is noisier
-and biased up a little; the bar is judged on them as measured. Needs `pretrain`, `judges` and
-`tokenize` outputs in ROOT (e.g. `dvc repro tokenize judges`).
+many held-out real images, from val). It prints the first checkpoint reaching each bar, then
+the final figures at `--final-per-class` (evaluate's default, 100) with mean +- std over
+seeds. Checkpoint figures use fewer samples than the final ones, so the FID ratio there is
+noisier and reads lower: the floor (real against real) shrinks about as 1/N, a generator's
+distance to the test set does not. The bar is judged on them as measured. Needs `pretrain`,
+`judges` and `tokenize` outputs in ROOT (e.g. `dvc repro tokenize judges`).
 
     python bench/repa_bench.py [ROOT] [--kinds ar,diffusion] [--seeds 0,1,2] [--every 200]
 """
