@@ -34,6 +34,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,29 @@ def ideal(rewards: torch.Tensor, labels: torch.Tensor, kl: float) -> tuple[float
     gain = (tilt(rewards, labels, min(lam, 1e4))[0] - mean) / std
     lam2 = solve_tilt(rewards, labels, 0, mean + 2 * std)
     return gain, tilt(rewards, labels, lam2)[1] if math.isfinite(lam2) else math.inf
+
+
+@dataclass(frozen=True)
+class BarCheck:
+    """Issue 12's bar for RL against a reward, from before/after `measure`s: the reward up at
+    least 2 pre-RL per-sample stds, the evaluator's consistency down at most 2 points, its FID
+    at most 1.2x."""
+
+    gain: float  # pre-RL stds
+    drop: float  # consistency points lost
+    fid_ratio: float
+
+    @classmethod
+    def of(cls, before: dict[str, Any], after: dict[str, Any]) -> BarCheck:
+        return cls(
+            (after["reward_mean"] - before["reward_mean"]) / before["reward_std"],
+            100 * (before["consistency"] - after["consistency"]),
+            after["fid"] / before["fid"],
+        )
+
+    @property
+    def passed(self) -> bool:
+        return self.gain >= 2 and self.drop <= 2 and self.fid_ratio <= 1.2
 
 
 MIN_IDEAL = 0.05  # stds: below this the ideal gain is ~0 and RL's share of it is noise
@@ -312,13 +336,12 @@ def main() -> None:
     # ar's KL is to the untruncated prior and starts at the truncation's cost; the tilt
     # reweights the truncated samples, so it gets the KL RL spent beyond that start
     kl0 = result.history[0]["kl"]
-    delta = after["reward_mean"] - before["reward_mean"]
-    gain = delta / before["reward_std"]
+    bar = BarCheck.of(before, after)
+    gain, drop, fid_ratio = bar.gain, bar.drop, bar.fid_ratio
     n = len(before["rewards"])
+    delta = after["reward_mean"] - before["reward_mean"]
     gain_se = delta / math.sqrt((before["reward_std"] ** 2 + after["reward_std"] ** 2) / n)
     ideal_gain, ideal_kl = ideal(before["rewards"], before["labels"], result.best["kl"] - kl0)
-    drop = 100 * (before["consistency"] - after["consistency"])
-    fid_ratio = after["fid"] / before["fid"]
     kind = gen.kind
     print(
         f"kind={kind} reward={args.reward} advantage={cfg.advantage} "
@@ -370,8 +393,7 @@ def main() -> None:
         f"{before['precision']:.2f} -> {after['precision']:.2f} | "
         f"{before['recall']:.2f} -> {after['recall']:.2f} |"
     )
-    ok = gain >= 2 and drop <= 2 and fid_ratio <= 1.2
-    print("PASS" if ok else "FAIL")
+    print("PASS" if bar.passed else "FAIL")
 
 
 if __name__ == "__main__":

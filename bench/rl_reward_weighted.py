@@ -39,7 +39,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.rl_reward_gain import load, measure, save_grids, solve_tilt, tilt, tilt_weights  # noqa: E402
+from bench.rl_reward_gain import (  # noqa: E402
+    BarCheck,
+    load,
+    measure,
+    save_grids,
+    solve_tilt,
+    tilt,
+    tilt_weights,
+)
 from genpipe import artifacts, evaluation  # noqa: E402
 from genpipe.config import Finetune, load_params  # noqa: E402
 from genpipe.data.prepared import load_split  # noqa: E402
@@ -73,19 +81,16 @@ def weighted_loss(
     return (w.to(losses.dtype) * losses).sum()
 
 
-def report(name: str, m: dict[str, Any], before: dict[str, Any]) -> tuple[float, float, float]:
-    """Print one measurement row; returns (gain in pre-RL stds, consistency drop in points,
-    FID ratio)."""
-    gain = (m["reward_mean"] - before["reward_mean"]) / before["reward_std"]
-    drop = 100 * (before["consistency"] - m["consistency"])
-    ratio = m["fid"] / before["fid"]
+def report(name: str, m: dict[str, Any], before: dict[str, Any]) -> BarCheck:
+    """Print one measurement row; returns it against the bar."""
+    bar = BarCheck.of(before, m)
     print(
-        f"{name:<10} reward {m['reward_mean']:.4f} ± {m['reward_std']:.4f} gain {gain:+.2f} std "
-        f"| consistency {m['consistency']:.3f} ({-drop:+.1f} pts) | FID {m['fid']:.3f} "
-        f"(x{ratio:.2f}) | precision {m['precision']:.2f} recall {m['recall']:.2f}",
+        f"{name:<10} reward {m['reward_mean']:.4f} ± {m['reward_std']:.4f} gain {bar.gain:+.2f} "
+        f"std | consistency {m['consistency']:.3f} ({-bar.drop:+.1f} pts) | FID {m['fid']:.3f} "
+        f"(x{bar.fid_ratio:.2f}) | precision {m['precision']:.2f} recall {m['recall']:.2f}",
         flush=True,
     )
-    return gain, drop, ratio
+    return bar
 
 
 def main() -> None:
@@ -161,8 +166,7 @@ def main() -> None:
     start = time.perf_counter()
     with cpu_threads(torch.device("cpu")):
         before = evaluate()
-        report("before", before, before)
-        gain = drop = ratio = math.nan
+        bar = report("before", before, before)  # the last round always replaces it
         deltas = []
         after = before
         for r in range(args.rounds):
@@ -201,11 +205,11 @@ def main() -> None:
             )
             if (r + 1) % args.eval_every == 0 or r + 1 == args.rounds:
                 after = evaluate()
-                gain, drop, ratio = report(f"round {r + 1}", after, before)
+                bar = report(f"round {r + 1}", after, before)
     secs = time.perf_counter() - start
     kl_sum = sum(deltas)
     kl_gauss = sum(math.sqrt(d) for d in deltas) ** 2
-    target = before["reward_mean"] + gain * before["reward_std"]
+    target = before["reward_mean"] + bar.gain * before["reward_std"]
     lam = solve_tilt(before["rewards"], before["labels"], 0, target)
     kl_tilt = tilt(before["rewards"], before["labels"], lam)[1] if math.isfinite(lam) else math.inf
     if args.grids is not None:
@@ -231,11 +235,12 @@ def main() -> None:
         f"{args.delta}, {args.steps_per_round} steps, lr {args.lr}, {args.fit_sampler}, "
         f"anchor {args.anchor}{', centred' if args.centred else ''} | "
         f"{before['reward_mean']:.4f} ± {before['reward_std']:.4f} | {after['reward_mean']:.4f} | "
-        f"{gain:+.2f} | {kl_sum:.2f} | {before['consistency']:.3f} -> {after['consistency']:.3f} | "
-        f"{ratio:.2f}x | {before['precision']:.2f} -> {after['precision']:.2f} | "
+        f"{bar.gain:+.2f} | {kl_sum:.2f} | "
+        f"{before['consistency']:.3f} -> {after['consistency']:.3f} | "
+        f"{bar.fid_ratio:.2f}x | {before['precision']:.2f} -> {after['precision']:.2f} | "
         f"{before['recall']:.2f} -> {after['recall']:.2f} |"
     )
-    print("PASS" if gain >= 2 and drop <= 2 and ratio <= 1.2 else "FAIL")
+    print("PASS" if bar.passed else "FAIL")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from bench.rl_reward_gain import curve_point, curve_printer, ideal
+from bench.rl_reward_gain import BarCheck, curve_point, curve_printer, ideal
 from bench.rl_tilt_headroom import (
     Samples,
     effective_size,
@@ -209,3 +209,21 @@ def test_shape_rewards_score_what_they_name():
     # every pixel at 0 or 1; the blur's two columns sit a sixth from mid-grey (1/3 rescaled)
     assert contrast[0].item() == pytest.approx(1.0)
     assert contrast[1].item() == pytest.approx((6 + 2 / 3) / 8)
+
+
+def _measured(reward_mean: float, consistency: float, fid: float) -> dict[str, float]:
+    return {"reward_mean": reward_mean, "reward_std": 0.5, "consistency": consistency, "fid": fid}
+
+
+def test_the_rl_bar_needs_all_three_of_gain_consistency_and_fid():
+    """Both RL benches judge with BarCheck: +2 pre-RL stds, at most 2 points of consistency
+    lost, FID at most 1.2x; each edge passes, and missing any one fails."""
+    before = _measured(1.0, 0.98, 10.0)
+    edge = BarCheck.of(before, _measured(2.0, 0.96, 12.0))
+    assert edge.gain == pytest.approx(2.0)
+    assert edge.drop == pytest.approx(2.0)
+    assert edge.fid_ratio == pytest.approx(1.2)
+    assert BarCheck.of(before, _measured(2.5, 0.97, 11.0)).passed
+    assert not BarCheck.of(before, _measured(1.9, 0.98, 10.0)).passed  # gain short
+    assert not BarCheck.of(before, _measured(3.0, 0.955, 10.0)).passed  # consistency
+    assert not BarCheck.of(before, _measured(3.0, 0.98, 12.5)).passed  # FID
