@@ -158,6 +158,35 @@ class BarCheck:
         return self.gain >= 2 and self.drop <= 2 and self.fid_ratio <= 1.2
 
 
+def print_row(
+    kind: str,
+    reward: str,
+    settings: str,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    method: dict[str, str],
+) -> None:
+    """The README RL table's header and row for one run, with the method's own columns
+    (`method`: header -> cell, e.g. the KL) between the gain and the hacking check; then PASS
+    or FAIL against the bar."""
+    bar = BarCheck.of(before, after)
+    print(
+        "| kind | reward | settings | pre mean ± std | post mean | gain (stds) | "
+        + "".join(f"{h} | " for h in method)
+        + "consistency | FID ratio | precision | recall |"
+    )
+    print(
+        f"| {kind} | {reward} | {settings} | "
+        f"{before['reward_mean']:.4f} ± {before['reward_std']:.4f} | {after['reward_mean']:.4f} | "
+        f"{bar.gain:+.2f} | "
+        + "".join(f"{v} | " for v in method.values())
+        + f"{before['consistency']:.3f} -> {after['consistency']:.3f} | {bar.fid_ratio:.2f}x | "
+        f"{before['precision']:.2f} -> {after['precision']:.2f} | "
+        f"{before['recall']:.2f} -> {after['recall']:.2f} |"
+    )
+    print("PASS" if bar.passed else "FAIL")
+
+
 MIN_IDEAL = 0.05  # stds: below this the ideal gain is ~0 and RL's share of it is noise
 
 
@@ -381,19 +410,12 @@ def main() -> None:
         f"{kl0:.3f} (ar: the cost of top-k/top-p truncation)"
     )
     settings = " ".join([*args.set, *(f"with {w}" for w in args.with_)]) or "defaults"
-    print(
-        "| kind | reward | settings | pre mean ± std | post mean | gain (stds) | gain (SEs) | "
-        "KL | ideal gain at KL | consistency | FID ratio | precision | recall |"
-    )
-    print(
-        f"| {kind} | {args.reward} | {settings} | "
-        f"{before['reward_mean']:.4f} ± {before['reward_std']:.4f} | {after['reward_mean']:.4f} | "
-        f"{gain:+.2f} | {gain_se:+.1f} | {result.best['kl']:.2f} | {ideal_gain:+.2f} | "
-        f"{before['consistency']:.3f} -> {after['consistency']:.3f} | {fid_ratio:.2f}x | "
-        f"{before['precision']:.2f} -> {after['precision']:.2f} | "
-        f"{before['recall']:.2f} -> {after['recall']:.2f} |"
-    )
-    print("PASS" if bar.passed else "FAIL")
+    method = {
+        "gain (SEs)": f"{gain_se:+.1f}",
+        "KL": f"{result.best['kl']:.2f}",
+        "ideal gain at KL": f"{ideal_gain:+.2f}",
+    }
+    print_row(kind, args.reward, settings, before, after, method)
 
 
 if __name__ == "__main__":

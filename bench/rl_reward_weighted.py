@@ -43,6 +43,7 @@ from bench.rl_reward_gain import (  # noqa: E402
     BarCheck,
     load,
     measure,
+    print_row,
     save_grids,
     solve_tilt,
     tilt,
@@ -226,21 +227,12 @@ def main() -> None:
         f"KL moved at least (cheapest reweighting of the pre-RL samples to this gain) "
         f"{kl_tilt:.2f}"
     )
-    print(
-        "| kind | reward | settings | pre mean ± std | post mean | gain (stds) | sum delta | "
-        "consistency | FID ratio | precision | recall |"
+    settings = (
+        f"{args.rounds} rounds x {args.group}/class, delta {args.delta}, "
+        f"{args.steps_per_round} steps, lr {args.lr}, {args.fit_sampler}, "
+        f"anchor {args.anchor}{', centred' if args.centred else ''}"
     )
-    print(
-        f"| {gen.kind} | {args.reward} | {args.rounds} rounds x {args.group}/class, delta "
-        f"{args.delta}, {args.steps_per_round} steps, lr {args.lr}, {args.fit_sampler}, "
-        f"anchor {args.anchor}{', centred' if args.centred else ''} | "
-        f"{before['reward_mean']:.4f} ± {before['reward_std']:.4f} | {after['reward_mean']:.4f} | "
-        f"{bar.gain:+.2f} | {kl_sum:.2f} | "
-        f"{before['consistency']:.3f} -> {after['consistency']:.3f} | "
-        f"{bar.fid_ratio:.2f}x | {before['precision']:.2f} -> {after['precision']:.2f} | "
-        f"{before['recall']:.2f} -> {after['recall']:.2f} |"
-    )
-    print("PASS" if bar.passed else "FAIL")
+    print_row(gen.kind, args.reward, settings, before, after, {"sum delta": f"{kl_sum:.2f}"})
 
 
 if __name__ == "__main__":
