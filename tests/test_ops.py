@@ -290,7 +290,7 @@ def test_failed_run_moves_no_alias(repo):
     assert proc.returncode != 0
     assert "evaluate.samples_per_class" in proc.stdout + proc.stderr
     assert aliases(repo) == before
-    git(repo, "revert", "--no-edit", "HEAD")
+    git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "revert", "--no-edit", "HEAD")
 
 
 def test_worse_candidate_is_not_promoted(repo):
