@@ -169,10 +169,13 @@ def test_plain_dvc_repro_stages_share_one_server_that_stops_when_idle(prefect_ho
     assert not (prefect_home / "genpipe-shared" / "server.json").exists()
 
 
+# The handler writes with os.write, not print: the Ctrl-C can land while print(url) is still
+# inside stdout's buffered writer (the test reads the line as soon as it is in the pipe), and
+# a print from the handler then fails as a reentrant call (seen once under CI's load).
 RUN_WITH_A_SERVER = """
-import signal, time
+import os, signal, time
 from genpipe.prefect_server import local_server
-signal.signal(signal.SIGINT, lambda *_: print("interrupted", flush=True))
+signal.signal(signal.SIGINT, lambda *_: os.write(1, b"interrupted\\n"))
 with local_server() as url:
     print(url, flush=True)
     time.sleep(600)
