@@ -91,6 +91,14 @@ def warm_processes(root: Path) -> dict[int, str]:
     return found
 
 
+def holds(proc: psutil.Process, path: Path) -> bool:
+    """Whether `proc` has `path` open (a stage waiting for that lock)."""
+    try:
+        return any(f.path == str(path) for f in proc.open_files())
+    except psutil.Error:
+        return False
+
+
 def gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -157,7 +165,8 @@ def test_a_killed_stage_command_stops_its_child(checkout):
     env = env_of(checkout, MLFLOW_TRACKING_URI=f"sqlite:///{store}")
     env[PIPELINE_TASK_ENV] = "repro --single-item prepare"  # the stage itself, no Prefect flow
     cmd = [sys.executable, "-m", "flows.stage", "prepare"]
-    with locks.waiting(Path(f"{store}.init.lock")):
+    lock = Path(f"{store}.init.lock")
+    with locks.waiting(lock):
         for sig in (signal.SIGTERM, signal.SIGKILL):
             command = subprocess.Popen(cmd, cwd=checkout, env=env, stdout=DEVNULL, stderr=PIPE)
             try:
@@ -165,6 +174,10 @@ def test_a_killed_stage_command_stops_its_child(checkout):
                 (server,) = warm_processes(checkout)
                 assert wait_until(lambda s=server: bool(psutil.Process(s).children()), 120)
                 (child,) = psutil.Process(server).children()
+                # signal the stage once it runs: blocked on the lock, its SIGTERM handler is in
+                # place (a signal in the child's first instants finds the default, as it would
+                # in a stage process of its own, and kills it: 143, seen under load)
+                assert wait_until(lambda c=child: holds(c, lock), 120), "the stage never started"
                 command.send_signal(sig)
                 code = command.wait(timeout=60)
                 assert wait_until(lambda c=child: gone(c.pid), 60), f"{sig!r}: the child runs"
