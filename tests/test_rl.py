@@ -148,6 +148,46 @@ def test_grpo_on_a_bandit_moves_mass_to_the_rewarded_action():
     assert logits.softmax(0)[2] > 0.9
 
 
+def test_sample_log_ratio_scales_the_scored_steps_to_the_whole_sample():
+    """Two of four steps scored: their mean log-ratio, times four, estimates the sample's."""
+    old, ref = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.5, 0.5]])
+    assert rl.sample_log_ratio(old, ref, 4).tolist() == [6.0, -2.0]
+
+
+def bandit_with_kl_penalty_in_the_reward(advantage: str, kl_penalty: str) -> torch.Tensor:
+    """Final arm probabilities of the finetune stage's advantages and loss on a 3-armed
+    bandit with rewards 0, 0.5, 1, a uniform prior and beta 1."""
+    g = torch.Generator().manual_seed(0)
+    payoff, ref = torch.tensor([0.0, 0.5, 1.0]), torch.zeros(3).log_softmax(0)
+    cfg = Finetune(group_size=8, advantage=advantage, adv_std_floor=0, beta=1.0)
+    cfg = cfg.model_copy(update={"kl_penalty": kl_penalty})
+    logits = torch.zeros(3, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=0.02)
+    for _ in range(600):
+        with torch.no_grad():
+            arms = torch.multinomial(logits.softmax(0), 64, replacement=True, generator=g)
+            old = logits.log_softmax(0)[arms][:, None]
+        roll = rl.Rollout(arms, arms, old, ref[arms][:, None], arms, 1)
+        adv = finetune.advantages(payoff[arms], roll, cfg)
+        logp = logits.log_softmax(0)[arms][:, None]
+        loss, _ = rl.clipped_surrogate(logp, old, adv, cfg.clip_eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return logits.detach().softmax(0)
+
+
+@pytest.mark.parametrize("advantage", ["dr_grpo", "grpo"])
+def test_kl_in_the_reward_settles_at_the_tilt_of_the_prior(advantage):
+    """KL-regularised RL's optimum is p_prior exp(r / beta), known here in closed form; the
+    reward's log-ratio term must reach it (group normalisation rescales each group's step,
+    not where they stop), where the reward alone would pile onto the best arm."""
+    tilt = torch.tensor([0.0, 0.5, 1.0]).softmax(0)  # 0.186, 0.307, 0.506
+    probs = bandit_with_kl_penalty_in_the_reward(advantage, "reward")
+    assert torch.allclose(probs, tilt, atol=0.04), probs
+    assert bandit_with_kl_penalty_in_the_reward(advantage, "loss")[2] > 0.8  # no penalty in it
+
+
 def test_group_diversity_is_zero_for_identical_groups():
     same = torch.ones(4, 1, 2, 2)
     assert rl.group_diversity(same, 2) == 0

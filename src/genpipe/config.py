@@ -313,6 +313,12 @@ class Finetune(Section):
         description="k3 at the sampled actions, or exact per code (ar); auto: exact where the "
         "kind has it",
     )
+    kl_penalty: Literal["loss", "reward"] = Field(
+        "loss",
+        description="loss: beta * KL added to the loss at the visited states; reward: beta * "
+        "log(p_policy / p_prior) of each sample subtracted from its reward (whose optimum is "
+        "the tilt p_prior exp(reward / beta))",
+    )
     kl_bound: float = Field(5.0, gt=0, description="stop early when the KL per sample passes it")
     rail_window: int = Field(
         5, ge=1, description="batches averaged for the KL bound and for choosing the best step"

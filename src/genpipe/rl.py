@@ -81,6 +81,16 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return log_r.exp() - 1 - log_r
 
 
+def sample_log_ratio(
+    old_logp: torch.Tensor, ref_logp: torch.Tensor, total_steps: int
+) -> torch.Tensor:
+    """log p_policy(x) - log p_ref(x) of each whole sample (B,), from the log-probabilities of S
+    of its `total_steps` scored steps (the mean over a random share, scaled up, is unbiased).
+    Its mean under the policy is the KL; as a reward term its score-function gradient is the
+    KL's whole gradient, including how each action changes the states that follow."""
+    return (old_logp.detach() - ref_logp.detach()).float().mean(dim=1) * total_steps
+
+
 def kl_exact(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Exact KL(policy || reference) per sample, summed over its positions, from the full
     per-position log-distributions (B, L, K) of both; the policy's may be -inf (truncated

@@ -3,8 +3,9 @@
 Each step takes `prompts_per_step` class labels (cycled through the classes) and samples
 `group_size` images for each from the current policy; the rewards (genpipe.rewards) become
 advantages within each group (`advantage`, `adv_std_floor`); `inner_iters` updates then
-follow the clipped surrogate plus beta times the KL to the frozen prior (genpipe.rl), both
-taken per action: a whole code grid for `ar` (sampled from the served top-k/top-p
+follow the clipped surrogate plus beta times the KL to the frozen prior (genpipe.rl; with
+`kl_penalty: reward`, beta times each sample's log-ratio to the prior is taken off its reward
+instead), both taken per action: a whole code grid for `ar` (sampled from the served top-k/top-p
 distribution; KL exact per code unless `kl_estimator: k3`); each Gaussian step of
 stochastic DDIM for `diffusion` (a random share of them; k3 KL).
 
@@ -81,9 +82,12 @@ def prompts(step: int, cfg: Finetune, num_classes: int, device: torch.device) ->
 def group_loss(
     policy: Policy, roll: Rollout, adv: torch.Tensor, cfg: Finetune
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(clipped surrogate + beta * KL to the prior, clip fraction) of one group's rollout."""
+    """(clipped surrogate + beta * KL to the prior, clip fraction) of one group's rollout; with
+    `kl_penalty: reward` the KL is already in the advantages and the loss is the surrogate."""
     logp = policy.log_prob(roll)
     surrogate, clip_frac = rl.clipped_surrogate(logp, roll.old_logp, adv, cfg.clip_eps)
+    if cfg.kl_penalty == "reward":
+        return surrogate, clip_frac
     exact = roll.exact_kl is not None  # the policy has `kl` and the params asked for it
     kl = policy.kl(roll) if exact else rl.kl_k3(logp, roll.ref_logp)  # type: ignore[attr-defined]
     return surrogate + cfg.beta * kl.mean(), clip_frac
@@ -121,8 +125,17 @@ def update(
     return {"loss": loss, "clip_frac": clip}
 
 
-def advantages(rewards: torch.Tensor, cfg: Finetune) -> torch.Tensor:
-    """Group advantages as `finetune.advantage` and `finetune.adv_std_floor` say."""
+def advantages(rewards: torch.Tensor, roll: Rollout, cfg: Finetune) -> torch.Tensor:
+    """Group advantages as `finetune.advantage` and `finetune.adv_std_floor` say, of the reward
+    less beta * log(p_policy / p_prior) of each sample under `kl_penalty: reward`.
+
+    Why the reward: the KL as a loss term (`loss`) differentiates each visited state's KL but
+    not how an action changes the states after it, so its fixed point is not the tilt p_prior
+    exp(reward / beta) that KL-regularised RL should reach; the log-ratio in the reward is the
+    textbook score-function gradient of the whole KL, whose fixed point is that tilt."""
+    if cfg.kl_penalty == "reward":
+        log_ratio = rl.sample_log_ratio(roll.old_logp, roll.ref_logp, roll.total_steps)
+        rewards = rewards - cfg.beta * log_ratio.to(rewards)
     return rl.group_advantages(rewards, cfg.group_size, cfg.advantage, cfg.adv_std_floor)
 
 
@@ -217,7 +230,7 @@ def train(
             history.append(row)
             curves.emit(row)
             break
-        advs = [advantages(total, cfg) for total in totals]
+        advs = [advantages(total, r, cfg) for total, r in zip(totals, rolls, strict=True)]
         row.update(update(policy, opt, rolls, advs, cfg, world))
         history.append(row)
         curves.emit(row)
