@@ -10,6 +10,7 @@ import torch
 
 BACKGROUND = 0.3  # pixel values below this are background, not stroke
 RESIDUE_EPS = 1e-3  # keeps the log finite for a spotless image; ~1/20 of a sample's residue
+SPREAD_FLOOR = 0.5  # pixel-space distance; a duplicate scores log(this), not -inf
 
 
 def residue(images: torch.Tensor) -> torch.Tensor:
@@ -102,3 +103,17 @@ def crisp(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     not in between."""
     del labels
     return (2 * (images.detach().float().clamp(0, 1) - 0.5).abs()).flatten(1).mean(1)
+
+
+def group_spread(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log of the distance to the nearest other image of the same label in the batch: a
+    nearest-neighbour (Kozachenko-Leonenko) estimate of -log p_policy per image, up to scale and
+    a constant, since RL scores one group of a label at a time. Added to a reward it is an
+    entropy bonus that sees the *current* policy's crowding, which `realism` (against a frozen
+    draw) does not: a group collapsing onto one style scores low (a duplicate log(SPREAD_FLOOR)).
+    0 for a label seen once."""
+    flat = images.detach().float().clamp(0, 1).flatten(1)
+    dist = torch.cdist(flat, flat)
+    other = (labels[:, None] == labels[None, :]) & ~torch.eye(len(labels), dtype=torch.bool)
+    nearest = torch.where(other, dist, torch.full_like(dist, torch.inf)).min(1).values
+    return torch.where(nearest.isfinite(), nearest.clamp_min(SPREAD_FLOOR).log(), 0.0)

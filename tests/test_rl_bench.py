@@ -20,9 +20,11 @@ from bench.rl_tilt_headroom import (
 )
 from bench.rl_user_rewards import (
     RESIDUE_EPS,
+    SPREAD_FLOOR,
     centred,
     clean_background,
     crisp,
+    group_spread,
     ink,
     log_clean_background,
     size,
@@ -209,6 +211,20 @@ def test_shape_rewards_score_what_they_name():
     # every pixel at 0 or 1; the blur's two columns sit a sixth from mid-grey (1/3 rescaled)
     assert contrast[0].item() == pytest.approx(1.0)
     assert contrast[1].item() == pytest.approx((6 + 2 / 3) / 8)
+
+
+def test_group_spread_is_the_log_distance_to_the_nearest_image_of_the_same_label():
+    """Four 2x2 images: a pair 1 apart, an exact duplicate pair, and the label seen once."""
+    images = torch.zeros(5, 1, 2, 2)
+    images[1, 0, 0, 0] = 1.0  # 1 from image 0 (and from every other blank of label 0)
+    images[2:4] = 0.5  # image 2 and its duplicate 3, label 1
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    spread = group_spread(images, labels)
+    assert spread[:2].tolist() == pytest.approx([0.0, 0.0])  # log 1
+    assert spread[2:4].tolist() == pytest.approx([math.log(SPREAD_FLOOR)] * 2)
+    assert spread[4].item() == 0.0  # nobody to be near: no bonus, no penalty
+    # labels keep images apart: the blank 4 would otherwise be a duplicate of image 0
+    assert group_spread(images[[0, 4]], torch.tensor([0, 0]))[0].item() < 0
 
 
 def _measured(reward_mean: float, consistency: float, fid: float) -> dict[str, float]:
