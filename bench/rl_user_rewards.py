@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from genpipe.evaluation import knn_radii
+
 BACKGROUND = 0.3  # pixel values below this are background, not stroke
 RESIDUE_EPS = 1e-3  # keeps the log finite for a spotless image; ~1/20 of a sample's residue
 SPREAD_FLOOR = 0.5  # pixel-space distance; a duplicate scores log(this), not -inf
@@ -113,7 +115,6 @@ def group_spread(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     draw) does not: a group collapsing onto one style scores low (a duplicate log(SPREAD_FLOOR)).
     0 for a label seen once."""
     flat = images.detach().float().clamp(0, 1).flatten(1)
-    dist = torch.cdist(flat, flat)
-    other = (labels[:, None] == labels[None, :]) & ~torch.eye(len(labels), dtype=torch.bool)
-    nearest = torch.where(other, dist, torch.full_like(dist, torch.inf)).min(1).values
+    dist = torch.cdist(flat, flat).masked_fill(labels[:, None] != labels[None, :], torch.inf)
+    nearest = knn_radii(dist, torch.arange(len(labels)), 1)  # itself excluded
     return torch.where(nearest.isfinite(), nearest.clamp_min(SPREAD_FLOOR).log(), 0.0)

@@ -148,10 +148,11 @@ def test_grpo_on_a_bandit_moves_mass_to_the_rewarded_action():
     assert logits.softmax(0)[2] > 0.9
 
 
-def test_sample_log_ratio_scales_the_scored_steps_to_the_whole_sample():
+def test_log_ratio_per_sample_scales_the_scored_steps_to_the_whole_sample():
     """Two of four steps scored: their mean log-ratio, times four, estimates the sample's."""
     old, ref = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.5, 0.5]])
-    assert rl.sample_log_ratio(old, ref, 4).tolist() == [6.0, -2.0]
+    roll = rl.Rollout(torch.zeros(2), torch.zeros(2), old, ref, None, 4)
+    assert roll.log_ratio_per_sample().tolist() == [6.0, -2.0]
 
 
 def bandit_with_kl_penalty_in_the_reward(advantage: str, kl_penalty: str) -> torch.Tensor:

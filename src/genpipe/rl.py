@@ -81,16 +81,6 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return log_r.exp() - 1 - log_r
 
 
-def sample_log_ratio(
-    old_logp: torch.Tensor, ref_logp: torch.Tensor, total_steps: int
-) -> torch.Tensor:
-    """log p_policy(x) - log p_ref(x) of each whole sample (B,), from the log-probabilities of S
-    of its `total_steps` scored steps (the mean over a random share, scaled up, is unbiased).
-    Its mean under the policy is the KL; as a reward term its score-function gradient is the
-    KL's whole gradient, including how each action changes the states that follow."""
-    return (old_logp.detach() - ref_logp.detach()).float().mean(dim=1) * total_steps
-
-
 def kl_exact(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Exact KL(policy || reference) per sample, summed over its positions, from the full
     per-position log-distributions (B, L, K) of both; the policy's may be -inf (truncated
@@ -126,12 +116,23 @@ class Rollout:
     total_steps: int
     exact_kl: torch.Tensor | None = None  # (B,) when the policy computes it (kl_estimator)
 
+    def _whole_sample(self, per_step: torch.Tensor) -> torch.Tensor:
+        """(B, S) terms of the scored steps -> (B,) over all `total_steps`: the mean over a
+        random share of the steps, scaled up, is unbiased."""
+        return per_step.float().mean(dim=1) * self.total_steps
+
     def kl_per_sample(self) -> torch.Tensor:
         """KL(policy || prior) over a sample's whole generation, (B,): exact where the policy
         gave it, else the k3 estimate."""
         if self.exact_kl is not None:
             return self.exact_kl
-        return kl_k3(self.old_logp, self.ref_logp).mean(dim=1) * self.total_steps
+        return self._whole_sample(kl_k3(self.old_logp, self.ref_logp))
+
+    def log_ratio_per_sample(self) -> torch.Tensor:
+        """log p_policy(x) - log p_prior(x) of each whole sample, (B,). Its mean under the
+        policy is the KL; as a reward term its score-function gradient is the KL's whole
+        gradient, including how each action changes the states that follow."""
+        return self._whole_sample(self.old_logp.detach() - self.ref_logp.detach())
 
 
 class Policy(Protocol):

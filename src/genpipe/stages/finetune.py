@@ -134,8 +134,7 @@ def advantages(rewards: torch.Tensor, roll: Rollout, cfg: Finetune) -> torch.Ten
     exp(reward / beta) that KL-regularised RL should reach; the log-ratio in the reward is the
     textbook score-function gradient of the whole KL, whose fixed point is that tilt."""
     if cfg.kl_penalty == "reward":
-        log_ratio = rl.sample_log_ratio(roll.old_logp, roll.ref_logp, roll.total_steps)
-        rewards = rewards - cfg.beta * log_ratio.to(rewards)
+        rewards = rewards - cfg.beta * roll.log_ratio_per_sample().to(rewards)
     return rl.group_advantages(rewards, cfg.group_size, cfg.advantage, cfg.adv_std_floor)
 
 
