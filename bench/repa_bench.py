@@ -48,10 +48,11 @@ from genpipe.generator import Generator
 from genpipe.models.align import AlignedPrior
 from genpipe.models.priors import prior_kind
 from genpipe.models.priors.base import CodeSpace
-from genpipe.runtime import cpu_threads
+from genpipe.runtime import cpu_threads, pick_device, to_device
 from genpipe.stages import prior
 
 EVAL_SEED = 1234  # the same draws score every model
+ALIGNMENTS = {"both": (False, True), "off": (False,), "on": (True,)}
 
 
 @dataclass
@@ -110,7 +111,12 @@ def train_one(
     eval_seconds = 0.0
     with tempfile.TemporaryDirectory() as scratch:  # no checkpoints left in ROOT
         ctx = prior.SPEC.start(params, Path(scratch), deps=())
-        model = kind.build(kind.from_params(cfg, space))
+        # the stage's device (CUDA when present): the prior, its data and the sampling tokenizer
+        tokenizer.to(ctx.device)
+        x, y = to_device(x, ctx.device), to_device(y, ctx.device)
+        if targets is not None:
+            targets = to_device(targets, ctx.device)
+        model = kind.build(kind.from_params(cfg, space)).to(ctx.device)
         decay = cfg.optim.ema_decay
         ema = copy.deepcopy(model).eval().requires_grad_(False)  # fit's EMA, replayed
 
@@ -124,6 +130,14 @@ def train_one(
                 t0 = time.perf_counter()
                 gen = Generator(tokenizer, ema, cfg.kind, sampling, settings)
                 run.points.append({"step": step + 1, **judge(gen, per_class)})
+                # each checkpoint as it comes, so a run stopped at a time limit leaves its curve
+                point = run.points[-1]
+                print(
+                    f"{cfg.kind} seed {run.seed} align {'on' if aligned else 'off'} step "
+                    f"{step + 1}: consistency {point['consistency']:.3f} "
+                    f"FID ratio {point['fid_ratio']:.2f}",
+                    flush=True,
+                )
                 eval_seconds += time.perf_counter() - t0
 
         start = time.perf_counter()
@@ -191,6 +205,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
     ap.add_argument("--weight", type=float, default=0.5, help="prior.align_weight when on")
     ap.add_argument("--depth", type=int, default=1, help="prior.align_depth when on")
+    ap.add_argument(
+        "--alignment", choices=("both", "off", "on"), default="both", help="which runs to train"
+    )
     ap.add_argument("--steps", type=int, default=None, help="prior.optim.steps (default: params)")
     ap.add_argument("--every", type=int, default=200, help="steps between checkpoints")
     ap.add_argument("--per-class", type=int, default=50, help="samples per class at checkpoints")
@@ -207,10 +224,12 @@ def main() -> None:
     judge = Judge(args.root, int(train_y.max()) + 1)
     runs: list[Run] = []
     total = 0
-    with cpu_threads(torch.device("cpu")):
+    # one thread for the small ops of CPU training; on CUDA the host keeps all its threads for
+    # the SSL targets and the judge
+    with cpu_threads(pick_device(base.base.device)):
         for kind in args.kinds:
             for seed in args.seeds:
-                for aligned in (False, True):
+                for aligned in ALIGNMENTS[args.alignment]:
                     p = base.prior.model_copy(
                         update={
                             "kind": kind,
