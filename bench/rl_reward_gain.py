@@ -311,7 +311,18 @@ def main() -> None:
         default=None,
         help="seed of RL's rollouts only (default base.seed); evaluation keeps base.seed",
     )
+    parser.add_argument(
+        "--interpolate",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="ALPHA",
+        help="also measure the weights base + ALPHA x (kept - base), 0 < ALPHA < 1: the line "
+        "from the prior to RL's weights (WiSE-FT / WARP's LITI), a row each",
+    )
     args = parser.parse_args()
+    if any(not 0 < a < 1 for a in args.interpolate):
+        parser.error("--interpolate takes values strictly between 0 and 1")
     root = args.root
     params = load_params(args.params or root / "params.yaml")
     extra = {k: float(v) for k, _, v in (item.partition("=") for item in args.with_)}
@@ -337,6 +348,7 @@ def main() -> None:
     before = measure(
         gen, judges["evaluator"], reward, test_x, args.per_class, seed, knn, args.reward
     )
+    base_state = {k: v.detach().clone() for k, v in gen.prior.state_dict().items()}
     gen.prior.requires_grad_(True)
     policy, _ = finetune.make_policy(gen, cfg)
     start = time.perf_counter()
@@ -416,6 +428,23 @@ def main() -> None:
         "ideal gain at KL": f"{ideal_gain:+.2f}",
     }
     print_row(kind, args.reward, settings, before, after, method)
+    kept_state = result.best["state"]
+    for alpha in args.interpolate:
+        policy.net.load_state_dict(interpolate(base_state, kept_state, alpha))
+        policy.net.eval()
+        on_line = measure(
+            gen, judges["evaluator"], reward, test_x, args.per_class, seed, knn, args.reward
+        )
+        print_row(kind, args.reward, f"{settings} interpolated {alpha}", before, on_line, {})
+
+
+def interpolate(
+    base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
+    """The weights alpha of the way from `base` to `tuned` (floats; other entries: tuned's)."""
+    return {
+        k: base[k] + alpha * (v - base[k]) if v.is_floating_point() else v for k, v in tuned.items()
+    }
 
 
 if __name__ == "__main__":

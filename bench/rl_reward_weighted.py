@@ -4,7 +4,9 @@ GRPO/DDPO on the diffusion prior scores stochastic DDIM paths and barely moves t
 (ODE) sampler's reward (README, RL). This fits the reward-tilted marginal instead, with no
 path log-probabilities (reward-weighted regression; for diffusion, reward-weighted flow
 matching). Each round:
-  (a) draw --group samples per class with the served sampler (seeded per round),
+  (a) draw --group samples per class with the served sampler (seeded per round; with
+      --pool fixed, once from the base prior, reused with the same weights every round:
+      weighted maximum likelihood of one tilt, free of the drift of fitting its own draws),
   (b) score them with the reward,
   (c) weight them within each class by softmax(alpha * reward), alpha set so that the
       weights' KL to uniform, averaged over classes, is --delta nats (bisection; the
@@ -99,6 +101,11 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("."))
     parser.add_argument("--params", type=Path, default=None, help="default: ROOT/params.yaml")
     parser.add_argument("--reward", default="realism")
+    parser.add_argument(
+        "--entry-point",
+        default=None,
+        help='module:function for --reward, e.g. "bench.rl_user_rewards:log_clean_background"',
+    )
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--group", type=int, default=50, help="samples per class per round")
     parser.add_argument("--delta", type=float, default=0.2, help="KL of each round's weights")
@@ -133,13 +140,24 @@ def main() -> None:
         help="weight by w - 1/N (the reweighting alone: equal weights then train nothing, so "
         "the fit does not drift where the net already fits its own samples)",
     )
+    parser.add_argument(
+        "--pool",
+        choices=("online", "fixed"),
+        default="online",
+        help="online: each round draws from the current prior; fixed: one draw from the base "
+        "prior, weighted once, refitted every round (weighted maximum likelihood of the tilt, "
+        "whose fixed point at an infinite pool is the tilted prior itself: no self-fitting drift)",
+    )
     parser.add_argument("--grids", type=Path, default=None, help="before.png, after.png here")
     args = parser.parse_args()
     if args.delta <= 0 or args.rounds < 1 or args.group < 2 or args.steps_per_round < 1:
         parser.error("--delta must be > 0, --rounds and --steps-per-round >= 1, --group >= 2")
     root = args.root
     params = load_params(args.params or root / "params.yaml")
-    cfg = Finetune.model_validate({**params.finetune.model_dump(), "rewards": {args.reward: 1.0}})
+    overrides: dict[str, Any] = {"rewards": {args.reward: 1.0}}
+    if args.entry_point is not None:
+        overrides["reward_entry_points"] = {args.reward: args.entry_point}
+    cfg = Finetune.model_validate({**params.finetune.model_dump(), **overrides})
     seed, knn = params.base.seed, params.evaluate.knn_k
     torch.manual_seed(seed)
     gen, judges, reward = load(root, params, cfg)
@@ -172,17 +190,17 @@ def main() -> None:
         after = before
         for r in range(args.rounds):
             gen.prior.eval()
-            with torch.no_grad():
-                images, labels, codes = evaluation.generate(
-                    gen, args.group, num_classes, seed + ROUND_SEED_OFFSET + r, **fit
-                )
-            with torch.no_grad():
-                rewards = reward(images, labels)[0]
-            w, alpha = round_weights(rewards, labels, args.delta)
-            if args.centred:
-                w = w - 1 / len(w)
-            deltas.append(tilt(rewards, labels, alpha)[1])
-            x = gen.kind_of.inputs(gen.tokenizer, codes, gen.sampling)
+            if r == 0 or args.pool == "online":
+                with torch.no_grad():
+                    images, labels, codes = evaluation.generate(
+                        gen, args.group, num_classes, seed + ROUND_SEED_OFFSET + r, **fit
+                    )
+                    rewards = reward(images, labels)[0]
+                w, alpha = round_weights(rewards, labels, args.delta)
+                if args.centred:
+                    w = w - 1 / len(w)
+                deltas.append(tilt(rewards, labels, alpha)[1])
+                x = gen.kind_of.inputs(gen.tokenizer, codes, gen.sampling)
             gen.prior.train()
             for _ in range(args.steps_per_round):
                 opt.zero_grad()
@@ -198,7 +216,8 @@ def main() -> None:
                 opt.step()
             gen.prior.eval()
             print(
-                f"round {r + 1}: {args.fit_sampler} reward {float(rewards.mean()):.4f} "
+                f"round {r + 1}: {args.fit_sampler} {args.pool} pool reward "
+                f"{float(rewards.mean()):.4f} "
                 f"({(float(rewards.mean()) - before['reward_mean']) / before['reward_std']:+.2f} "
                 f"std) alpha {alpha:.2f} loss {float(loss.detach()):.4f} "
                 f"t={time.perf_counter() - start:.0f}s",
@@ -219,7 +238,7 @@ def main() -> None:
         f"kind={gen.kind} reward={args.reward} rounds={args.rounds} group={args.group} "
         f"delta={args.delta} steps_per_round={args.steps_per_round} lr={args.lr} "
         f"fit_sampler={args.fit_sampler} fit_steps={args.fit_steps} anchor={args.anchor} "
-        f"centred={args.centred} "
+        f"centred={args.centred} pool={args.pool} "
         f"secs={secs:.0f}"
     )
     print(
@@ -231,6 +250,7 @@ def main() -> None:
         f"{args.rounds} rounds x {args.group}/class, delta {args.delta}, "
         f"{args.steps_per_round} steps, lr {args.lr}, {args.fit_sampler}, "
         f"anchor {args.anchor}{', centred' if args.centred else ''}"
+        f"{', fixed pool' if args.pool == 'fixed' else ''}"
     )
     print_row(gen.kind, args.reward, settings, before, after, {"sum delta": f"{kl_sum:.2f}"})
 
