@@ -260,10 +260,15 @@ def load(
 
 
 def save_grids(
-    folder: Path, before: dict[str, Any], after: dict[str, Any], per_class: int, classes: int
+    folder: Path,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    per_class: int,
+    classes: int,
+    after_name: str = "after",
 ) -> None:
-    """before.png and after.png: 16 of `measure`'s samples per class, a row per class."""
-    for name, m in (("before", before), ("after", after)):
+    """before.png and <after_name>.png: 16 of `measure`'s samples per class, a row per class."""
+    for name, m in (("before", before), (after_name, after)):
         grid = viz.class_grid(m["images"], per_class, classes, show=16)
         viz.save_png(grid, folder / f"{name}.png")
 
@@ -430,21 +435,14 @@ def main() -> None:
     print_row(kind, args.reward, settings, before, after, method)
     kept_state = result.best["state"]
     for alpha in args.interpolate:
-        policy.net.load_state_dict(interpolate(base_state, kept_state, alpha))
+        policy.net.load_state_dict(finetune.interpolate(base_state, kept_state, alpha))
         policy.net.eval()
         on_line = measure(
             gen, judges["evaluator"], reward, test_x, args.per_class, seed, knn, args.reward
         )
         print_row(kind, args.reward, f"{settings} interpolated {alpha}", before, on_line, {})
-
-
-def interpolate(
-    base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float
-) -> dict[str, torch.Tensor]:
-    """The weights alpha of the way from `base` to `tuned` (floats; other entries: tuned's)."""
-    return {
-        k: base[k] + alpha * (v - base[k]) if v.is_floating_point() else v for k, v in tuned.items()
-    }
+        if args.grids is not None:
+            save_grids(args.grids, before, on_line, args.per_class, num_classes, f"after_{alpha}")
 
 
 if __name__ == "__main__":

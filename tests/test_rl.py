@@ -602,3 +602,20 @@ def test_ar_log_prob_of_a_truncated_code_is_a_finite_floor():
     assert logp.isfinite().all() and (logp[outside] <= CODE_LOG_PROB_FLOOR).all()
     loss, _ = rl.clipped_surrogate(logp, logp.detach(), torch.ones(6), 0.2)
     assert loss.isfinite()
+
+
+def test_interpolate_walks_the_line_from_the_prior_to_the_tuned_weights():
+    base = {"w": torch.tensor([0.0, 2.0]), "steps": torch.tensor(3)}
+    tuned = {"w": torch.tensor([4.0, -2.0]), "steps": torch.tensor(7)}
+    assert torch.equal(finetune.interpolate(base, tuned, 0.25)["w"], torch.tensor([1.0, 1.0]))
+    assert torch.equal(finetune.interpolate(base, tuned, 1.0)["w"], tuned["w"])
+    assert torch.equal(finetune.interpolate(base, tuned, 0.0)["w"], base["w"])
+    # integer buffers (counters, indices) are not averaged: the tuned model's are kept
+    assert int(finetune.interpolate(base, tuned, 0.5)["steps"]) == 7
+
+
+def test_interpolate_param_takes_a_share_of_the_update_in_0_1():
+    assert Finetune().interpolate == 1.0  # RL's weights, as before the option
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match="interpolate"):
+            Finetune(interpolate=bad)

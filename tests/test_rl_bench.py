@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from bench.rl_reward_gain import BarCheck, curve_point, curve_printer, ideal, interpolate
+from bench.rl_reward_gain import BarCheck, curve_point, curve_printer, ideal
 from bench.rl_tilt_headroom import (
     Samples,
     effective_size,
@@ -243,13 +243,3 @@ def test_the_rl_bar_needs_all_three_of_gain_consistency_and_fid():
     assert not BarCheck.of(before, _measured(1.9, 0.98, 10.0)).passed  # gain short
     assert not BarCheck.of(before, _measured(3.0, 0.955, 10.0)).passed  # consistency
     assert not BarCheck.of(before, _measured(3.0, 0.98, 12.5)).passed  # FID
-
-
-def test_interpolate_walks_the_line_from_the_prior_to_the_tuned_weights():
-    base = {"w": torch.tensor([0.0, 2.0]), "steps": torch.tensor(3)}
-    tuned = {"w": torch.tensor([4.0, -2.0]), "steps": torch.tensor(7)}
-    assert torch.equal(interpolate(base, tuned, 0.25)["w"], torch.tensor([1.0, 1.0]))
-    assert torch.equal(interpolate(base, tuned, 1.0)["w"], tuned["w"])
-    assert torch.equal(interpolate(base, tuned, 0.0)["w"], base["w"])
-    # integer buffers (counters, indices) are not averaged: the tuned model's are kept
-    assert int(interpolate(base, tuned, 0.5)["steps"]) == 7

@@ -323,6 +323,13 @@ class Finetune(Section):
     rail_window: int = Field(
         5, ge=1, description="batches averaged for the KL bound and for choosing the best step"
     )
+    interpolate: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="share of RL's update saved: prior + x * (RL's kept weights - prior), the "
+        "line back to the prior (WiSE-FT, WARP's LITI); 1 = RL's weights",
+    )
     lr: float = Field(1e-4, gt=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables clipping")

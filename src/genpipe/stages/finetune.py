@@ -241,6 +241,17 @@ def train(
 
 
 @torch.no_grad()
+def interpolate(
+    base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
+    """The weights alpha of the way from `base` to `tuned` (float entries; others: tuned's).
+    Along this line reward tends to rise faster than the distance from the prior grows, so a
+    long run taken back part of the way can beat a short run (WiSE-FT; WARP's LITI)."""
+    return {
+        k: base[k] + alpha * (v - base[k]) if v.is_floating_point() else v for k, v in tuned.items()
+    }
+
+
 def score(
     gen: Generator,
     judges: dict[str, nn.Module],
@@ -310,7 +321,10 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             result = train(
                 policy, reward, cfg, num_classes, ctx.generator, ctx.checkpoint, ctx.world
             )
-        policy.net.load_state_dict(result.best["state"])
+        kept = result.best["state"]
+        if cfg.interpolate < 1:
+            kept = interpolate(reference.state_dict(), kept, cfg.interpolate)
+        policy.net.load_state_dict(kept)
         after, after_images = score(gen, judges, reward, test_x, num_classes, n, params.base.seed)
         metrics = {
             "before": before,
