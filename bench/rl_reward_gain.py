@@ -353,9 +353,8 @@ def main() -> None:
     before = measure(
         gen, judges["evaluator"], reward, test_x, args.per_class, seed, knn, args.reward
     )
-    base_state = {k: v.detach().clone() for k, v in gen.prior.state_dict().items()}
     gen.prior.requires_grad_(True)
-    policy, _ = finetune.make_policy(gen, cfg)
+    policy, reference = finetune.make_policy(gen, cfg)  # reference: the prior's weights, frozen
     start = time.perf_counter()
     curve = contextlib.nullcontext()
     if args.curve_every:
@@ -435,7 +434,7 @@ def main() -> None:
     print_row(kind, args.reward, settings, before, after, method)
     kept_state = result.best["state"]
     for alpha in args.interpolate:
-        policy.net.load_state_dict(finetune.interpolate(base_state, kept_state, alpha))
+        policy.net.load_state_dict(finetune.interpolate(reference.state_dict(), kept_state, alpha))
         policy.net.eval()
         on_line = measure(
             gen, judges["evaluator"], reward, test_x, args.per_class, seed, knn, args.reward

@@ -240,7 +240,6 @@ def train(
     return Result(history, best, stopped, steps_run)
 
 
-@torch.no_grad()
 def interpolate(
     base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float
 ) -> dict[str, torch.Tensor]:
@@ -252,6 +251,7 @@ def interpolate(
     }
 
 
+@torch.no_grad()
 def score(
     gen: Generator,
     judges: dict[str, nn.Module],
