@@ -323,7 +323,8 @@ def main() -> None:
         default=[],
         metavar="ALPHA",
         help="also measure the weights base + ALPHA x (kept - base), 0 < ALPHA < 1: the line "
-        "from the prior to RL's weights (WiSE-FT / WARP's LITI), a row each",
+        "from the prior to RL's weights (WiSE-FT / WARP's LITI), a row each; with --set "
+        "ema=D, kept is the EMA's weights (printed first as its own row)",
     )
     args = parser.parse_args()
     if any(not 0 < a < 1 for a in args.interpolate):
@@ -433,6 +434,16 @@ def main() -> None:
     }
     print_row(kind, args.reward, settings, before, after, method)
     kept_state = result.best["state"]
+    if cfg.ema > 0:  # what the stage keeps: the EMA's weights at the same step
+        kept_state = result.best["ema_state"]
+        policy.net.load_state_dict(kept_state)
+        policy.net.eval()
+        on_ema = measure(
+            gen, judges["evaluator"], reward, test_x, args.per_class, seed, knn, args.reward
+        )
+        print_row(kind, args.reward, f"{settings} EMA", before, on_ema, {})
+        if args.grids is not None:
+            save_grids(args.grids, before, on_ema, args.per_class, num_classes, "after_ema")
     for alpha in args.interpolate:
         policy.net.load_state_dict(finetune.interpolate(reference.state_dict(), kept_state, alpha))
         policy.net.eval()

@@ -503,6 +503,51 @@ def test_resume_from_a_checkpoint_gives_the_same_result(tmp_path):
     assert all(torch.equal(v, weights[k]) for k, v in resumed_weights.items())
 
 
+def test_ema_keeps_the_average_of_the_weights_after_each_update_from_the_prior(monkeypatch):
+    """best['ema_state'] at the kept step s is e_s, where e_0 = the prior's weights and
+    e_t = d e_(t-1) + (1 - d) w_t over the weights w_t after each update."""
+    decay = 0.7
+    cfg = CFG.model_copy(update={"steps": 5, "ema": decay})
+    policy, reference = finetune.make_policy(tiny_generator("ar"), cfg)
+    after_update: list[dict[str, torch.Tensor]] = []
+    real_update = finetune.update
+
+    def recording_update(*args, **kwargs):
+        out = real_update(*args, **kwargs)
+        after_update.append({k: v.clone() for k, v in policy.net.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(finetune, "update", recording_update)
+    reward = WeightedReward({"brightness": 1.0}, {"brightness": brightness})
+    result = finetune.train(policy, reward, cfg, CLASSES, torch.Generator().manual_seed(0))
+    kept = result.best["step"]
+    expected = {k: v.clone() for k, v in reference.state_dict().items()}
+    for weights in after_update[:kept]:
+        for k in expected:
+            expected[k] = decay * expected[k] + (1 - decay) * weights[k]
+    assert len(after_update) == cfg.steps
+    got = result.best["ema_state"]
+    assert all(torch.allclose(got[k], v, atol=1e-6) for k, v in expected.items())
+    if kept > 0:  # the average lags the policy's own weights
+        assert not all(torch.equal(got[k], v) for k, v in result.best["state"].items())
+
+
+def test_resume_with_ema_gives_the_same_average(tmp_path):
+    cfg = CFG.model_copy(update={"checkpoint_every": 2, "ema": 0.5})
+    reward = WeightedReward({"brightness": 1.0}, {"brightness": brightness})
+
+    def run(checkpoint):
+        policy, _ = finetune.make_policy(tiny_generator("ar"), cfg)
+        gen = torch.Generator().manual_seed(0)
+        return finetune.train(policy, reward, cfg, CLASSES, gen, checkpoint).best
+
+    checkpoint = Checkpoint(tmp_path / "last.pt", "fingerprint", cfg.checkpoint_every)
+    straight = run(checkpoint)
+    resumed = run(checkpoint)
+    assert resumed["step"] == straight["step"]
+    assert all(torch.equal(v, straight["ema_state"][k]) for k, v in resumed["ema_state"].items())
+
+
 def test_ar_policy_scores_the_truncated_distribution_it_samples_from(monkeypatch):
     """The log-prob RL trains on is the sum of the log-probs of the very (top-p truncated,
     renormalised) distributions the codes were drawn from, as served; the reference is scored

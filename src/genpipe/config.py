@@ -330,6 +330,13 @@ class Finetune(Section):
         description="share of RL's update saved: prior + x * (RL's kept weights - prior), the "
         "line back to the prior (WiSE-FT, WARP's LITI); 1 = RL's weights",
     )
+    ema: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="decay of an EMA of the policy's weights, started at the prior; > 0 keeps "
+        "the EMA's weights at the best step instead of the policy's (0 = off)",
+    )
     lr: float = Field(1e-4, gt=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables clipping")

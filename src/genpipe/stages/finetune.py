@@ -43,7 +43,7 @@ from genpipe.rewards import REALISM_SEED_OFFSET, RewardContext, WeightedReward, 
 from genpipe.rl import Policy, Rollout
 from genpipe.runtime import cpu_threads
 from genpipe.spec import StageSpec
-from genpipe.training import param_groups, steps
+from genpipe.training import EMA, param_groups, steps
 
 SPEC = StageSpec(
     "finetune",
@@ -155,7 +155,9 @@ def window_mean(rows: list[dict[str, float]], key: str, window: int) -> float:
 @dataclass
 class Result:
     history: list[dict[str, float]]
-    best: dict[str, Any]  # step, reward and kl (averaged over rail_window), state (weights)
+    # step, reward and kl (averaged over rail_window), state (weights), with `finetune.ema`
+    # ema_state (the EMA's weights at that step)
+    best: dict[str, Any]
     stopped_early: bool
     steps_run: int
 
@@ -174,7 +176,10 @@ def train(
     `rail_window` batches: one batch's mean reward is too noisy to rank weights by (a lucky
     early batch would win), and one batch's k3 KL too heavy-tailed to stop on. Training stops
     when that KL passes kl_bound; the weights with the best averaged reward within it are
-    kept. Rows whose batch made no update have NaN loss and clip fraction.
+    kept. Rows whose batch made no update have NaN loss and clip fraction. With `cfg.ema` an
+    EMA of the weights, started at the prior's, is kept beside them: at a fixed decay it
+    averages the late steps' noise around where the policy settles (Polyak averaging), which
+    the KL rail does not see but the evaluator does.
 
     Each group is sampled, scored and differentiated alone, from its own generator seeded by
     one draw of `generator` and its index in the step (`World.group_generators`): under
@@ -184,12 +189,15 @@ def train(
     give one process's bytes, and every rank takes the same decisions."""
     net = policy.net
     opt = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr)
+    ema = EMA(net, cfg.ema) if cfg.ema > 0 else None
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {}
     start = 0
     if checkpoint is not None and (state := checkpoint.resume([generator])) is not None:
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
+        if ema is not None:
+            ema.model.load_state_dict(state["ema"])
         history, best, start = state["history"], state["best"], state["step"]
     stopped = False
     device = next(net.parameters()).device
@@ -225,16 +233,22 @@ def train(
                 "kl": row["kl_window"],
                 "state": {k: v.detach().clone() for k, v in net.state_dict().items()},
             }
+            if ema is not None:
+                best["ema_state"] = {k: v.clone() for k, v in ema.model.state_dict().items()}
         if stopped or step == cfg.steps:
             history.append(row)
             curves.emit(row)
             break
         advs = [advantages(total, r, cfg) for total, r in zip(totals, rolls, strict=True)]
         row.update(update(policy, opt, rolls, advs, cfg, world))
+        if ema is not None:
+            ema.update(net)
         history.append(row)
         curves.emit(row)
         if checkpoint is not None:
             state = {"net": net.state_dict(), "opt": opt.state_dict(), "history": history}
+            if ema is not None:
+                state["ema"] = ema.model.state_dict()
             checkpoint.maybe_save(step, cfg.steps, {**state, "best": best}, [generator])
     steps_run = sum(not math.isnan(r["loss"]) for r in history)
     return Result(history, best, stopped, steps_run)
@@ -321,7 +335,7 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             result = train(
                 policy, reward, cfg, num_classes, ctx.generator, ctx.checkpoint, ctx.world
             )
-        kept = result.best["state"]
+        kept = result.best["ema_state" if cfg.ema > 0 else "state"]
         if cfg.interpolate < 1:
             kept = interpolate(reference.state_dict(), kept, cfg.interpolate)
         policy.net.load_state_dict(kept)
