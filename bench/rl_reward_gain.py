@@ -47,6 +47,7 @@ from genpipe.artifacts.generator import load_generator  # noqa: E402
 from genpipe.artifacts.judges import load_judge  # noqa: E402
 from genpipe.config import Finetune, Params, load_params, read_params_yaml  # noqa: E402
 from genpipe.data.prepared import load_split  # noqa: E402
+from genpipe.evaluation_intervals import fid_ratio_interval  # noqa: E402
 from genpipe.generator import Generator  # noqa: E402
 from genpipe.rewards import WeightedReward, build_reward  # noqa: E402
 from genpipe.runtime import cpu_threads  # noqa: E402
@@ -79,6 +80,8 @@ def measure(
         "reward_std": float(total.std()),
         "consistency": evaluation.class_consistency(evaluator, images, labels),
         "fid": evaluation.fid_from_features(real_f, fake_f),
+        "real_features": real_f,
+        "features": fake_f,
     }
 
 
@@ -158,6 +161,24 @@ class BarCheck:
         return self.gain >= 2 and self.drop <= 2 and self.fid_ratio <= 1.2
 
 
+def bar_intervals(
+    before: dict[str, Any], after: dict[str, Any], resamples: int = 200, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """95% intervals of the bar's gain and FID ratio, from before/after `measure`s of equal N:
+    the gain's from the standard error of the difference of the two means (in pre-RL stds,
+    that std taken as known); the FID ratio's, FID(test, after) / FID(test, before), by the
+    re-centred bootstrap of genpipe.evaluation_intervals, which resamples all three sets (the
+    test split the same in both FIDs)."""
+    n = len(before["rewards"])
+    se = math.sqrt((before["reward_std"] ** 2 + after["reward_std"] ** 2) / n)
+    gain = (after["reward_mean"] - before["reward_mean"]) / before["reward_std"]
+    half = 1.96 * se / before["reward_std"]
+    fid = fid_ratio_interval(
+        before["real_features"], after["features"], before["features"], resamples, 0.95, seed
+    )
+    return {"gain": (gain - half, gain + half), "fid_ratio": (fid.low, fid.high)}
+
+
 def print_row(
     kind: str,
     reward: str,
@@ -185,6 +206,12 @@ def print_row(
         f"{before['recall']:.2f} -> {after['recall']:.2f} |"
     )
     print("PASS" if bar.passed else "FAIL")
+    intervals = bar_intervals(before, after)
+    print(
+        "95% intervals: gain [{:+.2f}, {:+.2f}] stds, FID ratio [{:.2f}, {:.2f}]x".format(
+            *intervals["gain"], *intervals["fid_ratio"]
+        )
+    )
 
 
 MIN_IDEAL = 0.05  # stds: below this the ideal gain is ~0 and RL's share of it is noise

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from bench.rl_reward_gain import BarCheck, curve_point, curve_printer, ideal
+from bench.rl_reward_gain import BarCheck, bar_intervals, curve_point, curve_printer, ideal
 from bench.rl_tilt_headroom import (
     Samples,
     effective_size,
@@ -243,3 +243,38 @@ def test_the_rl_bar_needs_all_three_of_gain_consistency_and_fid():
     assert not BarCheck.of(before, _measured(1.9, 0.98, 10.0)).passed  # gain short
     assert not BarCheck.of(before, _measured(3.0, 0.955, 10.0)).passed  # consistency
     assert not BarCheck.of(before, _measured(3.0, 0.98, 12.5)).passed  # FID
+
+
+def _measured_sets(rewards: torch.Tensor, features: torch.Tensor, real: torch.Tensor) -> dict:
+    return {
+        "rewards": rewards,
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        "features": features,
+        "real_features": real,
+    }
+
+
+def test_bar_intervals_give_the_gain_its_standard_error_and_fid_ratio_its_noise():
+    """Gain: (mean difference +- 1.96 SE) / pre-RL std, in closed form. FID ratio: a draw
+    from the same Gaussian as the pre-RL samples sits within its interval around 1, a shifted
+    one outside it."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 1000, 8
+    real = torch.randn(n, d, generator=g)
+    before = _measured_sets(torch.randn(n, generator=g), torch.randn(n, d, generator=g), real)
+    rewards = torch.randn(n, generator=g) + 0.5
+    same = _measured_sets(rewards, torch.randn(n, d, generator=g), real)
+    intervals = bar_intervals(before, same)
+    low, high = intervals["gain"]
+    sb, sa = before["reward_std"], same["reward_std"]
+    half = 1.96 * math.sqrt((sb**2 + sa**2) / n) / sb
+    gain = (same["reward_mean"] - before["reward_mean"]) / sb
+    assert (low, high) == pytest.approx((gain - half, gain + half))
+    fid_low, fid_high = intervals["fid_ratio"]
+    ratio = evaluation.fid_from_features(real, same["features"]) / evaluation.fid_from_features(
+        real, before["features"]
+    )
+    assert fid_low < ratio < fid_high and fid_low < 1.0 < fid_high
+    shifted = _measured_sets(rewards, torch.randn(n, d, generator=g) + 0.5, real)
+    assert bar_intervals(before, shifted)["fid_ratio"][0] > 1.2
