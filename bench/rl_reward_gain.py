@@ -353,7 +353,21 @@ def main() -> None:
         "from the prior to RL's weights (WiSE-FT / WARP's LITI), a row each; with --set "
         "ema=D, kept is the EMA's weights (printed first as its own row)",
     )
+    parser.add_argument(
+        "--save-kept",
+        type=Path,
+        default=None,
+        help="save the kept weights (the EMA's with --set ema=D) here, for --kept",
+    )
+    parser.add_argument(
+        "--kept",
+        type=Path,
+        default=None,
+        help="no RL: measure these saved kept weights (--save-kept) and their --interpolate line",
+    )
     args = parser.parse_args()
+    if args.kept is not None and not args.kept.is_file():
+        parser.error(f"--kept {args.kept}: no such file; write one with --save-kept")
     if any(not 0 < a < 1 for a in args.interpolate):
         parser.error("--interpolate takes values strictly between 0 and 1")
     root = args.root
@@ -383,100 +397,107 @@ def main() -> None:
     )
     gen.prior.requires_grad_(True)
     policy, reference = finetune.make_policy(gen, cfg)  # reference: the prior's weights, frozen
-    start = time.perf_counter()
-    curve = contextlib.nullcontext()
-    if args.curve_every:
-        sink = curve_printer(
-            args.curve_every,
-            cfg.rail_window,
-            args.reward,
-            before["rewards"],
-            before["labels"],
-            args.curve,
-        )
-        curve = curves.to(sink)
-    with cpu_threads(torch.device("cpu")), curve:  # as the stage: small batches, one thread
-        result = finetune.train(
-            policy, reward, cfg, num_classes, torch.Generator().manual_seed(rl_seed)
-        )
-    secs = time.perf_counter() - start
-    policy.net.load_state_dict(result.best["state"])
-    policy.net.eval()
-    after = measure(
-        gen, judges["evaluator"], reward, test_x, args.per_class, seed, knn, args.reward
-    )
-
-    # ar's KL is to the untruncated prior and starts at the truncation's cost; the tilt
-    # reweights the truncated samples, so it gets the KL RL spent beyond that start
-    kl0 = result.history[0]["kl"]
-    bar = BarCheck.of(before, after)
-    gain, drop, fid_ratio = bar.gain, bar.drop, bar.fid_ratio
-    n = len(before["rewards"])
-    delta = after["reward_mean"] - before["reward_mean"]
-    gain_se = delta / math.sqrt((before["reward_std"] ** 2 + after["reward_std"] ** 2) / n)
-    ideal_gain, ideal_kl = ideal(before["rewards"], before["labels"], result.best["kl"] - kl0)
-    kind = gen.kind
-    print(
-        f"kind={kind} reward={args.reward} advantage={cfg.advantage} "
-        f"adv_std_floor={cfg.adv_std_floor} kl_estimator={cfg.kl_estimator} beta={cfg.beta} "
-        f"lr={cfg.lr} steps_run={result.steps_run} "
-        f"best_step={result.best['step']} stopped_early={result.stopped_early} train_s={secs:.0f}"
-    )
-    header = ("reward", "reward std", "consistency", "FID", "precision", "recall")
-    print(f"{'':<14}" + "".join(f"{h:>12}" for h in header))
-    for name, m in (("before", before), ("after", after)):
-        print(
-            f"{name:<14}{m['reward_mean']:>12.4f}{m['reward_std']:>12.4f}{m['consistency']:>12.3f}"
-            f"{m['fid']:>12.3f}{m['precision']:>12.3f}{m['recall']:>12.3f}"
-        )
-    if args.grids is not None:
-        save_grids(args.grids, before, after, args.per_class, num_classes)
-    print(
-        f"reward gain {gain:+.2f} pre-RL stds (bar >= 2) | KL at the kept step "
-        f"{result.best['kl']:.3f} nats/sample | consistency {-drop:+.1f} points (bar >= -2) | "
-        f"FID x{fid_ratio:.2f} (bar <= 1.2)"
-    )
-    real_mean, recon_mean = float(real.mean()), float(real_recon.mean())
-    real_gap, recon_gap = (
-        (m - before["reward_mean"]) / before["reward_std"] for m in (real_mean, recon_mean)
-    )
-    print(
-        f"references: real test {real_mean:.4f} ({real_gap:+.2f} stds), its reconstructions "
-        f"{recon_mean:.4f} ({recon_gap:+.2f} stds); ideal tilt of "
-        f"the pre-RL samples: {ideal_gain:+.2f} stds at this KL less the KL at step 0, "
-        f"2 stds at KL {ideal_kl:.2f}"
-    )
-    first, kept = result.history[0]["reward_mean"], result.best["reward"]
-    print(
-        f"under the RL sampler (all of RL's rewards): reward {first:.4f} at step 0, "
-        f"{kept:.4f} at the kept step "
-        f"(window mean), {(kept - first) / before['reward_std']:+.2f} pre-RL stds; KL at step 0 "
-        f"{kl0:.3f} (ar: the cost of top-k/top-p truncation)"
-    )
     settings = " ".join([*args.set, *(f"with {w}" for w in args.with_)]) or "defaults"
-    method = {
-        "gain (SEs)": f"{gain_se:+.1f}",
-        "KL": f"{result.best['kl']:.2f}",
-        "ideal gain at KL": f"{ideal_gain:+.2f}",
-    }
-    print_row(kind, args.reward, settings, before, after, method)
-    kept_state = result.best["state"]
-    if cfg.ema > 0:  # what the stage keeps: the EMA's weights at the same step
-        kept_state = result.best["ema_state"]
-        policy.net.load_state_dict(kept_state)
+    kind = gen.kind
+
+    def measure_policy() -> dict[str, Any]:
         policy.net.eval()
-        on_ema = measure(
+        return measure(
             gen, judges["evaluator"], reward, test_x, args.per_class, seed, knn, args.reward
         )
-        print_row(kind, args.reward, f"{settings} EMA", before, on_ema, {})
+
+    if args.kept is not None:  # a saved run's kept weights: no training, the line only
+        kept_state = torch.load(args.kept, weights_only=True)
+        settings = f"{settings} kept weights of {args.kept}"
+        policy.net.load_state_dict(kept_state)
+        print_row(kind, args.reward, settings, before, measure_policy(), {})
+    else:
+        start = time.perf_counter()
+        curve = contextlib.nullcontext()
+        if args.curve_every:
+            sink = curve_printer(
+                args.curve_every,
+                cfg.rail_window,
+                args.reward,
+                before["rewards"],
+                before["labels"],
+                args.curve,
+            )
+            curve = curves.to(sink)
+        with cpu_threads(torch.device("cpu")), curve:  # as the stage: small batches, one thread
+            result = finetune.train(
+                policy, reward, cfg, num_classes, torch.Generator().manual_seed(rl_seed)
+            )
+        secs = time.perf_counter() - start
+        policy.net.load_state_dict(result.best["state"])
+        after = measure_policy()
+
+        # ar's KL is to the untruncated prior and starts at the truncation's cost; the tilt
+        # reweights the truncated samples, so it gets the KL RL spent beyond that start
+        kl0 = result.history[0]["kl"]
+        bar = BarCheck.of(before, after)
+        gain, drop, fid_ratio = bar.gain, bar.drop, bar.fid_ratio
+        n = len(before["rewards"])
+        delta = after["reward_mean"] - before["reward_mean"]
+        gain_se = delta / math.sqrt((before["reward_std"] ** 2 + after["reward_std"] ** 2) / n)
+        ideal_gain, ideal_kl = ideal(before["rewards"], before["labels"], result.best["kl"] - kl0)
+        print(
+            f"kind={kind} reward={args.reward} advantage={cfg.advantage} "
+            f"adv_std_floor={cfg.adv_std_floor} kl_estimator={cfg.kl_estimator} beta={cfg.beta} "
+            f"lr={cfg.lr} steps_run={result.steps_run} "
+            f"best_step={result.best['step']} stopped_early={result.stopped_early} "
+            f"train_s={secs:.0f}"
+        )
+        header = ("reward", "reward std", "consistency", "FID", "precision", "recall")
+        print(f"{'':<14}" + "".join(f"{h:>12}" for h in header))
+        for name, m in (("before", before), ("after", after)):
+            print(
+                f"{name:<14}{m['reward_mean']:>12.4f}{m['reward_std']:>12.4f}{m['consistency']:>12.3f}"
+                f"{m['fid']:>12.3f}{m['precision']:>12.3f}{m['recall']:>12.3f}"
+            )
         if args.grids is not None:
-            save_grids(args.grids, before, on_ema, args.per_class, num_classes, "after_ema")
+            save_grids(args.grids, before, after, args.per_class, num_classes)
+        print(
+            f"reward gain {gain:+.2f} pre-RL stds (bar >= 2) | KL at the kept step "
+            f"{result.best['kl']:.3f} nats/sample | consistency {-drop:+.1f} points (bar >= -2) | "
+            f"FID x{fid_ratio:.2f} (bar <= 1.2)"
+        )
+        real_mean, recon_mean = float(real.mean()), float(real_recon.mean())
+        real_gap, recon_gap = (
+            (m - before["reward_mean"]) / before["reward_std"] for m in (real_mean, recon_mean)
+        )
+        print(
+            f"references: real test {real_mean:.4f} ({real_gap:+.2f} stds), its reconstructions "
+            f"{recon_mean:.4f} ({recon_gap:+.2f} stds); ideal tilt of "
+            f"the pre-RL samples: {ideal_gain:+.2f} stds at this KL less the KL at step 0, "
+            f"2 stds at KL {ideal_kl:.2f}"
+        )
+        first, kept = result.history[0]["reward_mean"], result.best["reward"]
+        print(
+            f"under the RL sampler (all of RL's rewards): reward {first:.4f} at step 0, "
+            f"{kept:.4f} at the kept step "
+            f"(window mean), {(kept - first) / before['reward_std']:+.2f} pre-RL stds; "
+            f"KL at step 0 {kl0:.3f} (ar: the cost of top-k/top-p truncation)"
+        )
+        method = {
+            "gain (SEs)": f"{gain_se:+.1f}",
+            "KL": f"{result.best['kl']:.2f}",
+            "ideal gain at KL": f"{ideal_gain:+.2f}",
+        }
+        print_row(kind, args.reward, settings, before, after, method)
+        kept_state = result.best["state"]
+        if cfg.ema > 0:  # what the stage keeps: the EMA's weights at the same step
+            kept_state = result.best["ema_state"]
+            policy.net.load_state_dict(kept_state)
+            on_ema = measure_policy()
+            print_row(kind, args.reward, f"{settings} EMA", before, on_ema, {})
+            if args.grids is not None:
+                save_grids(args.grids, before, on_ema, args.per_class, num_classes, "after_ema")
+    if args.save_kept is not None:
+        torch.save(kept_state, args.save_kept)
     for alpha in args.interpolate:
         policy.net.load_state_dict(finetune.interpolate(reference.state_dict(), kept_state, alpha))
-        policy.net.eval()
-        on_line = measure(
-            gen, judges["evaluator"], reward, test_x, args.per_class, seed, knn, args.reward
-        )
+        on_line = measure_policy()
         print_row(kind, args.reward, f"{settings} interpolated {alpha}", before, on_line, {})
         if args.grids is not None:
             save_grids(args.grids, before, on_line, args.per_class, num_classes, f"after_{alpha}")
