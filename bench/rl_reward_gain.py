@@ -161,18 +161,23 @@ class BarCheck:
         return self.gain >= 2 and self.drop <= 2 and self.fid_ratio <= 1.2
 
 
+def gain_standard_error(before: dict[str, Any], after: dict[str, Any]) -> float:
+    """Standard error of the bar's gain, in pre-RL stds (that std taken as known): of the
+    difference of two means of equal N."""
+    n = len(before["rewards"])
+    se = math.sqrt((before["reward_std"] ** 2 + after["reward_std"] ** 2) / n)
+    return se / before["reward_std"]
+
+
 def bar_intervals(
     before: dict[str, Any], after: dict[str, Any], resamples: int = 200, seed: int = 0
 ) -> dict[str, tuple[float, float]]:
     """95% intervals of the bar's gain and FID ratio, from before/after `measure`s of equal N:
-    the gain's from the standard error of the difference of the two means (in pre-RL stds,
-    that std taken as known); the FID ratio's, FID(test, after) / FID(test, before), by the
-    re-centred bootstrap of genpipe.evaluation_intervals, which resamples all three sets (the
-    test split the same in both FIDs)."""
-    n = len(before["rewards"])
-    se = math.sqrt((before["reward_std"] ** 2 + after["reward_std"] ** 2) / n)
+    the gain's from `gain_standard_error`; the FID ratio's, FID(test, after) / FID(test,
+    before), by the re-centred bootstrap of genpipe.evaluation_intervals, which resamples all
+    three sets (the test split the same in both FIDs)."""
     gain = (after["reward_mean"] - before["reward_mean"]) / before["reward_std"]
-    half = 1.96 * se / before["reward_std"]
+    half = 1.96 * gain_standard_error(before, after)
     fid = fid_ratio_interval(
         before["real_features"], after["features"], before["features"], resamples, 0.95, seed
     )
@@ -437,9 +442,7 @@ def main() -> None:
         kl0 = result.history[0]["kl"]
         bar = BarCheck.of(before, after)
         gain, drop, fid_ratio = bar.gain, bar.drop, bar.fid_ratio
-        n = len(before["rewards"])
-        delta = after["reward_mean"] - before["reward_mean"]
-        gain_se = delta / math.sqrt((before["reward_std"] ** 2 + after["reward_std"] ** 2) / n)
+        gain_se = gain / gain_standard_error(before, after)  # the gain in standard errors
         ideal_gain, ideal_kl = ideal(before["rewards"], before["labels"], result.best["kl"] - kl0)
         print(
             f"kind={kind} reward={args.reward} advantage={cfg.advantage} "
