@@ -16,8 +16,9 @@ SPREAD_FLOOR = 0.5  # pixel-space distance; a duplicate scores log(this), not -i
 
 
 def residue(images: torch.Tensor) -> torch.Tensor:
-    """Mean faint residue (pixels below BACKGROUND) per image, (B,)."""
-    x = images.detach().float().clamp(0, 1)
+    """Mean faint residue (pixels below BACKGROUND) per image, (B,); differentiable in the
+    images (a reward-gradient fine-tune backpropagates it)."""
+    x = images.float().clamp(0, 1)
     return torch.where(x < BACKGROUND, x, torch.zeros_like(x)).flatten(1).mean(1)
 
 

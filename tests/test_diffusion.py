@@ -20,6 +20,7 @@ from genpipe.models.diffusion import (
     edm_precond,
     edm_target,
     flow_matching_target,
+    integrate_ode,
     make_formulation,
     sample,
     sample_trajectory,
@@ -197,6 +198,28 @@ def test_sampler_determinism_and_shape(form, sampler):
     assert a.shape == (CLASSES, D, *GRID) and torch.isfinite(a).all()
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_integrate_ode_keeps_a_graph_through_its_last_steps_only(sampler):
+    """The reward-gradient path: the same latents as `sample`, with autograd through the last
+    `grad_steps` steps (their states and derivatives returned) and none before them."""
+    net = make_net().requires_grad_(True)
+    labels, form = torch.arange(CLASSES), FlowMatching()
+    kw = dict(steps=4, sampler=sampler, cfg_scale=2.0, interval=(0.0, 0.6))
+    served = sample(net, form, labels, torch.Generator().manual_seed(0), **kw)
+    x, graded = integrate_ode(
+        net, form, labels, torch.Generator().manual_seed(0), **kw, grad_steps=2
+    )
+    assert torch.equal(x, served)
+    times = form.timesteps(4).tolist()
+    assert [(g.t, g.s) for g in graded] == [(times[2], times[3]), (times[3], times[4])]
+    assert graded[0].x.grad_fn is None  # made by untracked steps
+    assert graded[1].x.grad_fn is not None and graded[0].derivative.grad_fn is not None
+    x.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    untracked, none = integrate_ode(net, form, labels, torch.Generator().manual_seed(0), **kw)
+    assert untracked.grad_fn is None and none == []
 
 
 def test_cfg_scale_one_is_conditional_and_zero_is_unconditional():

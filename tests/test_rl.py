@@ -336,6 +336,31 @@ def test_realism_rewards_what_the_prior_under_draws_not_one_typical_image():
     assert math.isfinite(under_drawn)  # a copy's distance is floored: its score is bounded
 
 
+def test_realism_is_differentiable_in_the_images_and_keeps_no_graph_otherwise():
+    """log d_prior - log d_real with the pixels as features: its gradient is the closed form
+    (x - prior_nn) / d_prior^2 - (x - real_nn) / d_real^2 (both away from their floors)."""
+    ctx = _realism_context()
+    reward = realism(ctx)
+    x = torch.tensor([0.5, 0.3]).view(1, 1, 1, 2).requires_grad_(True)
+    labels = torch.zeros(1, dtype=torch.long)
+    score = reward(x, labels)
+    score.sum().backward()
+    real, _ = ctx.reference()
+    prior, _ = ctx.prior_samples()
+    flat = x.detach().flatten()
+
+    def nearest(points: torch.Tensor) -> torch.Tensor:
+        pts = points.flatten(1)
+        return pts[(pts - flat).norm(dim=1).argmin()]
+
+    grad = torch.zeros(2)
+    for points, sign in ((prior, 1.0), (real, -1.0)):
+        diff = flat - nearest(points)
+        grad += sign * diff / diff.pow(2).sum()
+    torch.testing.assert_close(x.grad.flatten(), grad, atol=1e-5, rtol=1e-4)
+    assert reward(x.detach(), labels).grad_fn is None
+
+
 def test_realism_draws_from_the_prior_only_when_used():
     def refuse() -> tuple[torch.Tensor, torch.Tensor]:
         raise AssertionError("drew from the prior for a reward that does not need it")

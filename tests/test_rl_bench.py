@@ -119,6 +119,16 @@ def test_log_clean_background_rewards_relative_cleaning():
     assert spotless.item() == pytest.approx(-math.log(RESIDUE_EPS))  # finite
 
 
+def test_log_clean_background_is_differentiable_in_the_faint_pixels():
+    """d/dx -log(residue + eps) = -1 / (N (residue + eps)) at pixels below the background
+    threshold, 0 at stroke pixels: what a reward-gradient fine-tune follows."""
+    image = torch.tensor([[[0.1, 0.2], [0.9, 0.05]]]).requires_grad_(True)
+    log_clean_background(image[None], torch.zeros(1, dtype=torch.long)).sum().backward()
+    res = (0.1 + 0.2 + 0.05) / 4
+    faint = -1 / (4 * (res + RESIDUE_EPS))
+    torch.testing.assert_close(image.grad, torch.tensor([[[faint, faint], [0.0, faint]]]))
+
+
 def _whitened(n: int, d: int, g: torch.Generator) -> torch.Tensor:
     """n points whose sample mean is exactly 0 and unbiased covariance exactly the identity."""
     x = torch.randn(n, d, generator=g, dtype=torch.float64)

@@ -124,7 +124,7 @@ def realism(ctx: RewardContext) -> RewardFn:
                 f"finetune.realism_k: {k} neighbours, but the {what}'s smallest class has "
                 f"{smallest} images; set it below {smallest}"
             )
-    judge = ctx.judge.eval()
+    judge = ctx.judge.eval().requires_grad_(False)
     real, prior = _by_class(judge, real_x, real_y), _by_class(judge, prior_x, prior_y)
     if missing := sorted(set(prior) - set(real)):
         raise RewardError(f"reward 'realism': classes {missing} have no train images")
@@ -133,18 +133,25 @@ def realism(ctx: RewardContext) -> RewardFn:
         spacing = torch.cdist(feats, feats).fill_diagonal_(math.inf).kthvalue(k, dim=1).values
         floor[c] = 0.1 * float(spacing.median())
 
-    @torch.no_grad()
     def reward(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(len(images), dtype=torch.float64)
-        queries = judge.features(images).double() if len(images) else None
-        for c in labels.unique().tolist():
-            if c not in real or c not in prior:
-                raise RewardError(f"reward 'realism': no reference images of class {c}")
-            mask = labels == c
-            d_real = _kth_distance(queries[mask], real[c], k).clamp_min(floor[c])
-            d_prior = _kth_distance(queries[mask], prior[c], k).clamp_min(floor[c])
-            out[mask] = d_prior.log() - d_real.log()
-        return out.float()
+        """Differentiable in the images when they require grad (a reward-gradient
+        fine-tune backpropagates it); no graph otherwise."""
+        if not len(images):
+            return torch.zeros(0)
+        with torch.set_grad_enabled(images.requires_grad and torch.is_grad_enabled()):
+            queries = judge.features(images).double()
+            parts = []
+            for c in labels.unique().tolist():
+                if c not in real or c not in prior:
+                    raise RewardError(f"reward 'realism': no reference images of class {c}")
+                mask = labels == c
+                d_real = _kth_distance(queries[mask], real[c], k).clamp_min(floor[c])
+                d_prior = _kth_distance(queries[mask], prior[c], k).clamp_min(floor[c])
+                parts.append((mask, d_prior.log() - d_real.log()))
+            out = torch.zeros(len(images), dtype=torch.float64, device=queries.device)
+            for mask, score in parts:
+                out = out.masked_scatter(mask.to(out.device), score)
+            return out.float()
 
     return reward
 

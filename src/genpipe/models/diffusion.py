@@ -424,31 +424,68 @@ def sample(
     """Latents (B, D, h, w) for `labels` (B,) with `steps` steps of `sampler`, guided by
     `cfg_scale` only inside `interval` (see `guidance_at`).
 
-    euler / heun integrate the probability-flow ODE in each formulation's `ode_coords`
-    (flow: x against t; EDM: x against sigma; DDPM: x / alpha against sigma / alpha). In those
-    coordinates one Euler step is exactly one deterministic DDIM step, for all three; heun adds
-    a second-order correction (2 net calls a step, the last step plain Euler as in EDM). ddim
-    takes `eta` for stochastic steps. Function evaluations: steps (euler, ddim), 2 * steps - 1
-    (heun); each on 2B rows under CFG.
+    euler / heun integrate the probability-flow ODE (`integrate_ode`); ddim takes `eta` for
+    stochastic steps. Function evaluations: steps (euler, ddim), 2 * steps - 1 (heun); each on
+    2B rows under CFG.
     """
     _check_sample_args(sampler, steps, cfg_scale, eta)
     if sampler == "ddim":
         traj = sample_trajectory(net, form, labels, generator, steps, cfg_scale, eta, interval)
         return traj.xs[-1]
+    return integrate_ode(net, form, labels, generator, steps, sampler, cfg_scale, interval)[0]
+
+
+@dataclass
+class OdeStep:
+    """One step of `integrate_ode` run with autograd on: its state, times and ODE derivative
+    (what a reward-gradient fine-tune penalises the drift of)."""
+
+    x: torch.Tensor
+    t: float
+    s: float
+    derivative: torch.Tensor
+
+
+def integrate_ode(
+    net: Denoiser,
+    form: Formulation,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    steps: int = 20,
+    sampler: str = "euler",
+    cfg_scale: float = 1.0,
+    interval: tuple[float, float] = (0.0, 1.0),
+    grad_steps: int = 0,
+) -> tuple[torch.Tensor, list[OdeStep]]:
+    """The probability-flow ODE from noise to latents (B, D, h, w), in each formulation's
+    `ode_coords` (flow: x against t; EDM: x against sigma; DDPM: x / alpha against sigma /
+    alpha), where one Euler step is exactly one deterministic DDIM step; heun adds a
+    second-order correction (the last step plain Euler, as in EDM).
+
+    The last `grad_steps` steps run with autograd as the caller has it (the rest never keep a
+    graph), so a reward of the result can be backpropagated through the sampler as served
+    (DRaFT-K); those steps are returned, the rest are not.
+    """
     times = form.timesteps(steps)
     x = _start(net, form, labels, generator, times)
+    graded: list[OdeStep] = []
     for i in range(steps):
         t, s = float(times[i]), float(times[i + 1])
-        (scale_t, tau_t), (scale_s, tau_s) = form.ode_coords(t), form.ode_coords(s)
-        y = x / scale_t
-        d = _ode_derivative(net, form, x, t, labels, guidance_at(form, t, cfg_scale, interval))
-        y_next = y + (tau_s - tau_t) * d
-        if sampler == "heun" and i < steps - 1:
-            guided = guidance_at(form, s, cfg_scale, interval)
-            d_next = _ode_derivative(net, form, scale_s * y_next, s, labels, guided)
-            y_next = y + (tau_s - tau_t) * 0.5 * (d + d_next)
-        x = scale_s * y_next
-    return x
+        tracked = i >= steps - grad_steps
+        with torch.set_grad_enabled(tracked and torch.is_grad_enabled()):
+            (scale_t, tau_t), (scale_s, tau_s) = form.ode_coords(t), form.ode_coords(s)
+            y = x / scale_t
+            guided = guidance_at(form, t, cfg_scale, interval)
+            d = _ode_derivative(net, form, x, t, labels, guided)
+            y_next = y + (tau_s - tau_t) * d
+            if sampler == "heun" and i < steps - 1:
+                guided_s = guidance_at(form, s, cfg_scale, interval)
+                d_next = _ode_derivative(net, form, scale_s * y_next, s, labels, guided_s)
+                y_next = y + (tau_s - tau_t) * 0.5 * (d + d_next)
+            if tracked:
+                graded.append(OdeStep(x, t, s, d))
+            x = scale_s * y_next
+    return x, graded
 
 
 @torch.no_grad()
