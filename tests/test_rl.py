@@ -11,6 +11,7 @@ import torch
 from genpipe import rl
 from genpipe.checkpoint import Checkpoint
 from genpipe.config import Finetune, ParamsError, parse_params
+from genpipe.distributed import SINGLE
 from genpipe.generator import Generator
 from genpipe.models import diffusion
 from genpipe.models.priors.ar import ARPrior
@@ -25,6 +26,7 @@ from genpipe.rewards import (
     compressibility,
     realism,
 )
+from genpipe.spec import StageContext
 from genpipe.stages import finetune
 
 CLASSES = 3
@@ -689,3 +691,42 @@ def test_interpolate_param_takes_a_share_of_the_update_in_0_1():
     for bad in (0.0, 1.5, -0.2):
         with pytest.raises(ValueError, match="interpolate"):
             Finetune(interpolate=bad)
+
+
+def test_average_is_the_mean_of_the_float_weights():
+    a = {"w": torch.tensor([0.0, 2.0]), "steps": torch.tensor(3)}
+    b = {"w": torch.tensor([4.0, -2.0]), "steps": torch.tensor(7)}
+    c = {"w": torch.tensor([2.0, 3.0]), "steps": torch.tensor(9)}
+    merged = finetune.average([a, b, c])
+    assert torch.equal(merged["w"], torch.tensor([2.0, 1.0]))
+    assert int(merged["steps"]) == 3  # integer buffers: the first's, never averaged
+    assert finetune.average([a]) is a  # one policy: its weights, to the byte
+
+
+def test_policies_each_start_from_the_prior_with_their_own_rollout_seed(tmp_path):
+    """Run i of `finetune.policies` is the single run a fresh policy makes from the prior with
+    a generator seeded base.seed + i (run 0: the stage's own generator)."""
+    cfg = CFG.model_copy(update={"policies": 2})
+    reward = WeightedReward({"brightness": 1.0}, {"brightness": brightness})
+    seed = 5
+    policy, reference = finetune.make_policy(tiny_generator("ar"), cfg)
+    checkpoint = Checkpoint(tmp_path / "last.pt", "fingerprint", 0)
+    ctx = StageContext(torch.device("cpu"), torch.Generator().manual_seed(seed), checkpoint, SINGLE)
+    torch.manual_seed(0)
+    results = finetune.train_policies(policy, reference, reward, cfg, CLASSES, ctx, seed)
+    assert len(results) == 2
+    torch.manual_seed(0)
+    for i, result in enumerate(results):
+        alone, _ = finetune.make_policy(tiny_generator("ar"), cfg)
+        gen = torch.Generator().manual_seed(seed + i)
+        expected = finetune.train(alone, reward, cfg, CLASSES, gen).best["state"]
+        got = result.best["state"]
+        assert all(torch.equal(got[k], v) for k, v in expected.items()), f"policy {i}"
+    first, second = (r.best["state"] for r in results)
+    assert not all(torch.equal(first[k], v) for k, v in second.items())
+
+
+def test_policies_param_counts_runs_from_one():
+    assert Finetune().policies == 1  # one GRPO run, as before the option
+    with pytest.raises(ValueError, match="policies"):
+        Finetune(policies=0)

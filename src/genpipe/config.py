@@ -337,6 +337,13 @@ class Finetune(Section):
         description="decay of an EMA of the policy's weights, started at the prior; > 0 keeps "
         "the EMA's weights at the best step instead of the policy's (0 = off)",
     )
+    policies: int = Field(
+        1,
+        ge=1,
+        description="GRPO runs from the prior, run i with rollout seed base.seed + i; their kept "
+        "weights averaged before `interpolate` (WARP's weight averaging): seed-specific drift "
+        "averages out, the shared reward direction does not (cost: x runs)",
+    )
     lr: float = Field(1e-4, gt=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables clipping")

@@ -44,7 +44,7 @@ from genpipe.outputs import write_json
 from genpipe.rewards import REALISM_SEED_OFFSET, RewardContext, WeightedReward, build_reward
 from genpipe.rl import Policy, Rollout
 from genpipe.runtime import cpu_threads
-from genpipe.spec import StageSpec
+from genpipe.spec import StageContext, StageSpec
 from genpipe.training import EMA, param_groups, steps
 
 SPEC = StageSpec(
@@ -256,6 +256,43 @@ def train(
     return Result(history, best, stopped, steps_run)
 
 
+def train_policies(
+    policy: Policy,
+    reference: nn.Module,
+    reward: WeightedReward,
+    cfg: Finetune,
+    num_classes: int,
+    ctx: StageContext,
+    seed: int,
+) -> list[Result]:
+    """`cfg.policies` GRPO runs, each from the prior's weights with rollouts of its own: run 0
+    with the stage's generator and checkpoint (one policy is the single run, to the byte), run
+    i with a generator seeded `seed + i` and a checkpoint part of its own (a resumed stage
+    replays the finished runs' tails from their last checkpoints, deterministically)."""
+    results = []
+    for i in range(cfg.policies):
+        if i:
+            policy.net.load_state_dict(reference.state_dict())
+        generator = torch.Generator().manual_seed(seed + i) if i else ctx.generator
+        checkpoint = (
+            ctx.checkpoint.part(f"policy{i}", cfg.checkpoint_every) if i else ctx.checkpoint
+        )
+        results.append(train(policy, reward, cfg, num_classes, generator, checkpoint, ctx.world))
+    return results
+
+
+def average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The mean of several weights of one architecture (float entries; others: the first's).
+    Policies RL'd from one prior with other seeds share the direction the reward pulls in and
+    differ in their drift, which the mean shrinks by about sqrt(n) (WARP, Rame et al. 2024)."""
+    if len(states) == 1:
+        return states[0]
+    return {
+        k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
+        for k, v in states[0].items()
+    }
+
+
 def interpolate(
     base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float
 ) -> dict[str, torch.Tensor]:
@@ -321,9 +358,10 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     gen = gen.to(ctx.device).requires_grad_(False)
     gen.prior.requires_grad_(True)
     policy, reference = make_policy(gen, cfg)
+    seed = params.base.seed
     if not ctx.world.is_main:  # other torchrun ranks sample and train alongside rank 0
         with cpu_threads(ctx.device):
-            train(policy, reward, cfg, num_classes, ctx.generator, ctx.checkpoint, ctx.world)
+            train_policies(policy, reference, reward, cfg, num_classes, ctx, seed)
         return {}
     extra = prior_file["extra"]
     base = Generator(gen.tokenizer, reference, gen.kind, gen.sampling, extra.get("formulation"))
@@ -334,10 +372,8 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             base, judges, reward, test_x, num_classes, n, params.base.seed
         )
         with cpu_threads(ctx.device):  # scoring's batches of thousands keep every thread
-            result = train(
-                policy, reward, cfg, num_classes, ctx.generator, ctx.checkpoint, ctx.world
-            )
-        kept = result.best["ema_state" if cfg.ema > 0 else "state"]
+            results = train_policies(policy, reference, reward, cfg, num_classes, ctx, seed)
+        kept = average([r.best["ema_state" if cfg.ema > 0 else "state"] for r in results])
         if cfg.interpolate < 1:
             kept = interpolate(reference.state_dict(), kept, cfg.interpolate)
         policy.net.load_state_dict(kept)
@@ -345,22 +381,29 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         metrics = {
             "before": before,
             "after": after,
-            "steps_run": result.steps_run,
-            "stopped_early": result.stopped_early,
-            "best_step": result.best["step"],
-            "kl_final": result.best["kl"],
+            "steps_run": sum(r.steps_run for r in results),
+            "stopped_early": any(r.stopped_early for r in results),
+            "best_step": max(r.best["step"] for r in results),
+            # the kept weights' KL; with several policies their mean (the average's is not
+            # measured)
+            "kl_final": sum(r.best["kl"] for r in results) / len(results),
         }
         save_model(
             out / artifacts.PRIOR_FILE, "prior", prior_file["arch"], policy.net.cpu(), **extra
         )
         write_json(metrics_path, metrics)
-        curve = [{**row, "kl_bound": cfg.kl_bound} for row in result.history]
+        history = [
+            {**row, **({"policy": i} if cfg.policies > 1 else {})}
+            for i, r in enumerate(results)
+            for row in r.history
+        ]
+        curve = [{**row, "kl_bound": cfg.kl_bound} for row in history]
         viz.write_curve(curve, plots / "reward.csv")  # KL drawn against its bound
         for name, images in (("before", before_images), ("after", after_images)):
             grid = viz.class_grid(images, n, num_classes)
             viz.save_png(grid, plots / f"samples_{name}.png")
             run.log_image(grid, f"samples_{name}.png")
         run.log_metrics(metrics)
-        run.log_history([{k: v for k, v in r.items() if math.isfinite(v)} for r in result.history])
+        run.log_history([{k: v for k, v in r.items() if math.isfinite(v)} for r in history])
     ctx.checkpoint.clear()
     return metrics
