@@ -367,12 +367,17 @@ def main() -> None:
     parser.add_argument(
         "--kept",
         type=Path,
+        nargs="+",
         default=None,
-        help="no RL: measure these saved kept weights (--save-kept) and their --interpolate line",
+        metavar="FILE",
+        help="no RL: measure these saved kept weights (--save-kept) and their --interpolate "
+        "line; several files (runs with other --rl-seed) are averaged first, as "
+        "finetune.policies averages its runs",
     )
     args = parser.parse_args()
-    if args.kept is not None and not args.kept.is_file():
-        parser.error(f"--kept {args.kept}: no such file; write one with --save-kept")
+    for path in args.kept or []:
+        if not path.is_file():
+            parser.error(f"--kept {path}: no such file; write one with --save-kept")
     if any(not 0 < a < 1 for a in args.interpolate):
         parser.error("--interpolate takes values strictly between 0 and 1")
     root = args.root
@@ -386,6 +391,11 @@ def main() -> None:
         overrides[key] = read_params_yaml(value)
     # validated as params.yaml would be: a wrong key or value stops here, before any work
     cfg = Finetune.model_validate({**params.finetune.model_dump(), **overrides})
+    if cfg.policies > 1 and args.kept is None:
+        parser.error(
+            f"policies={cfg.policies}: this bench trains one policy a run; run it once per "
+            "--rl-seed with --save-kept FILE, then measure their average with --kept FILE ..."
+        )
     rl_seed = params.base.seed if args.rl_seed is None else args.rl_seed
     torch.manual_seed(rl_seed)
 
@@ -412,8 +422,8 @@ def main() -> None:
         )
 
     if args.kept is not None:  # a saved run's kept weights: no training, the line only
-        kept_state = torch.load(args.kept, weights_only=True)
-        settings = f"{settings} kept weights of {args.kept}"
+        kept_state = finetune.average([torch.load(f, weights_only=True) for f in args.kept])
+        settings = f"{settings} kept weights of {' + '.join(str(f) for f in args.kept)}"
         policy.net.load_state_dict(kept_state)
         print_row(kind, args.reward, settings, before, measure_policy(), {})
     else:
