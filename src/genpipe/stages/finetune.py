@@ -12,8 +12,9 @@ stochastic DDIM for `diffusion` (a random share of them; k3 KL).
 Rails: the KL per sample (over the whole generation) and the mean reward are measured on
 every batch and averaged over the last `rail_window` batches; past `kl_bound` training stops,
 and the weights kept are those with the best averaged reward within the bound (with `ema`,
-the moving average of the weights at that step; with `interpolate` < 1, a point on the line
-from the prior to them). The reward
+the moving average of the weights at that step; with `policies` > 1, the average of that
+many runs' kept weights, each run from the prior with its own rollout seed; with
+`interpolate` < 1, a point on the line from the prior to them). The reward
 saturates at `confidence_cap`, and RL samples with the prior's own guidance unless
 `cfg_scale` says otherwise, since that is how the fine-tuned prior is evaluated and served.
 Before/after metrics sample as the prior file says and are judged by the evaluator, which RL
