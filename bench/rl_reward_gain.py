@@ -277,6 +277,31 @@ def curve_printer(
     return sink
 
 
+def add_pipeline_args(parser: argparse.ArgumentParser, reward: str) -> None:
+    """--root, --params, --reward (default `reward`) and --entry-point: the pipeline an RL
+    bench reads and the reward it reads the bar on."""
+    parser.add_argument("--root", type=Path, default=Path("."))
+    parser.add_argument("--params", type=Path, default=None, help="default: ROOT/params.yaml")
+    parser.add_argument("--reward", default=reward)
+    parser.add_argument(
+        "--entry-point",
+        default=None,
+        help='module:function for --reward, e.g. "bench.rl_user_rewards:log_clean_background"',
+    )
+
+
+def reward_params(args: argparse.Namespace, **overrides: Any) -> tuple[Params, Finetune]:
+    """(params of ROOT or --params, their finetune section with the reward --reward alone,
+    --entry-point's module, and `overrides`), validated as params.yaml would be: a wrong key
+    or value stops here, before any work."""
+    params = load_params(args.params or args.root / "params.yaml")
+    rewards = {args.reward: 1.0, **overrides.pop("rewards", {})}
+    update: dict[str, Any] = {"rewards": rewards, **overrides}
+    if args.entry_point is not None:
+        update["reward_entry_points"] = {args.reward: args.entry_point}
+    return params, Finetune.model_validate({**params.finetune.model_dump(), **update})
+
+
 def load(
     root: Path, params: Params, cfg: Finetune
 ) -> tuple[Generator, dict[str, torch.nn.Module], WeightedReward]:
@@ -307,14 +332,7 @@ def save_grids(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path("."))
-    parser.add_argument("--params", type=Path, default=None, help="default: ROOT/params.yaml")
-    parser.add_argument("--reward", default="compressibility")
-    parser.add_argument(
-        "--entry-point",
-        default=None,
-        help='module:function for --reward, e.g. "bench.rl_user_rewards:clean_background"',
-    )
+    add_pipeline_args(parser, "compressibility")
     parser.add_argument(
         "--with",
         dest="with_",
@@ -381,16 +399,12 @@ def main() -> None:
     if any(not 0 < a < 1 for a in args.interpolate):
         parser.error("--interpolate takes values strictly between 0 and 1")
     root = args.root
-    params = load_params(args.params or root / "params.yaml")
     extra = {k: float(v) for k, _, v in (item.partition("=") for item in args.with_)}
-    overrides = {"steps": args.steps, "rewards": {args.reward: 1.0, **extra}}
-    if args.entry_point is not None:
-        overrides["reward_entry_points"] = {args.reward: args.entry_point}
+    overrides: dict[str, Any] = {"steps": args.steps, "rewards": extra}
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = read_params_yaml(value)
-    # validated as params.yaml would be: a wrong key or value stops here, before any work
-    cfg = Finetune.model_validate({**params.finetune.model_dump(), **overrides})
+    params, cfg = reward_params(args, **overrides)
     if cfg.policies > 1 and args.kept is None:
         parser.error(
             f"policies={cfg.policies}: this bench trains one policy a run; run it once per "

@@ -39,10 +39,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.rl_reward_gain import load, measure, print_row, save_grids  # noqa: E402
+from bench.rl_reward_gain import (  # noqa: E402
+    add_pipeline_args,
+    load,
+    measure,
+    print_row,
+    reward_params,
+    save_grids,
+)
 from bench.rl_reward_weighted import report  # noqa: E402
 from genpipe import artifacts, training  # noqa: E402
-from genpipe.config import Finetune, load_params  # noqa: E402
 from genpipe.data.prepared import load_split  # noqa: E402
 from genpipe.generator import Generator  # noqa: E402
 from genpipe.models.diffusion import (  # noqa: E402
@@ -147,14 +153,7 @@ def differentiable(fn: RewardFn, name: str, images: torch.Tensor, labels: torch.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path("."))
-    parser.add_argument("--params", type=Path, default=None, help="default: ROOT/params.yaml")
-    parser.add_argument("--reward", default="realism")
-    parser.add_argument(
-        "--entry-point",
-        default=None,
-        help='module:function for --reward, e.g. "bench.rl_user_rewards:log_clean_background"',
-    )
+    add_pipeline_args(parser, "realism")
     parser.add_argument("--steps", type=int, default=100, help="optimiser steps")
     parser.add_argument("--group", type=int, default=8, help="samples per class per step")
     parser.add_argument("--grad-steps", type=int, default=5, help="ODE steps backpropagated")
@@ -179,11 +178,7 @@ def main() -> None:
     if args.beta < 0 or not 0 <= args.ema < 1 or any(not 0 < a < 1 for a in args.interpolate):
         parser.error("--beta >= 0, 0 <= --ema < 1 and every --interpolate in (0, 1)")
     root = args.root
-    params = load_params(args.params or root / "params.yaml")
-    overrides: dict[str, Any] = {"rewards": {args.reward: 1.0}}
-    if args.entry_point is not None:
-        overrides["reward_entry_points"] = {args.reward: args.entry_point}
-    cfg = Finetune.model_validate({**params.finetune.model_dump(), **overrides})
+    params, cfg = reward_params(args)
     seed, knn = params.base.seed, params.evaluate.knn_k
     torch.manual_seed(seed)
     gen, judges, reward = load(root, params, cfg)
@@ -194,6 +189,9 @@ def main() -> None:
     sampler = ServedSampler(gen, reference, args.grad_steps, args.soft_snap)
     reward_fn = reward.fns[args.reward]
     num_classes = int(net.num_classes)
+    with torch.no_grad():  # refuse a reward without a gradient before any work
+        probe = gen.tokenizer.decode_codes(torch.zeros(1, *net.latent_shape[1:], dtype=torch.long))
+    differentiable(reward_fn, args.reward, probe.requires_grad_(True), torch.zeros(1).long())
     test_x, _ = load_split("test", root / artifacts.PREPARED)
 
     def evaluate() -> dict[str, Any]:

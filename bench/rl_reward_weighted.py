@@ -43,16 +43,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.rl_reward_gain import (  # noqa: E402
     BarCheck,
+    add_pipeline_args,
     load,
     measure,
     print_row,
+    reward_params,
     save_grids,
     solve_tilt,
     tilt,
     tilt_weights,
 )
 from genpipe import artifacts, evaluation  # noqa: E402
-from genpipe.config import Finetune, load_params  # noqa: E402
 from genpipe.data.prepared import load_split  # noqa: E402
 from genpipe.generator import Generator  # noqa: E402
 from genpipe.runtime import cpu_threads  # noqa: E402
@@ -98,14 +99,7 @@ def report(name: str, m: dict[str, Any], before: dict[str, Any]) -> BarCheck:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path("."))
-    parser.add_argument("--params", type=Path, default=None, help="default: ROOT/params.yaml")
-    parser.add_argument("--reward", default="realism")
-    parser.add_argument(
-        "--entry-point",
-        default=None,
-        help='module:function for --reward, e.g. "bench.rl_user_rewards:log_clean_background"',
-    )
+    add_pipeline_args(parser, "realism")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--group", type=int, default=50, help="samples per class per round")
     parser.add_argument("--delta", type=float, default=0.2, help="KL of each round's weights")
@@ -153,11 +147,7 @@ def main() -> None:
     if args.delta <= 0 or args.rounds < 1 or args.group < 2 or args.steps_per_round < 1:
         parser.error("--delta must be > 0, --rounds and --steps-per-round >= 1, --group >= 2")
     root = args.root
-    params = load_params(args.params or root / "params.yaml")
-    overrides: dict[str, Any] = {"rewards": {args.reward: 1.0}}
-    if args.entry_point is not None:
-        overrides["reward_entry_points"] = {args.reward: args.entry_point}
-    cfg = Finetune.model_validate({**params.finetune.model_dump(), **overrides})
+    params, cfg = reward_params(args)
     seed, knn = params.base.seed, params.evaluate.knn_k
     torch.manual_seed(seed)
     gen, judges, reward = load(root, params, cfg)
