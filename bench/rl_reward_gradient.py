@@ -18,9 +18,8 @@ the same marginals the path KL is an integral of that kind (Girsanov); here it i
 region towards the prior, not a KL of the codes. Every --eval-every steps it measures, as
 served, what bench/rl_reward_gain.py measures (reward gain in pre-RL stds, the evaluator's
 consistency, FID, precision and recall on --per-class samples per class) against the same bar:
-gain >= 2 stds, consistency down <= 2 points, FID <= 1.2x. --ema D also keeps an average of
-the weights; --interpolate A measures the prior + A (final - prior), for the last weights (and
-the EMA's).
+gain >= 2 stds, consistency down <= 2 points, FID <= 1.2x. --interpolate A also measures the
+prior + A (final - prior).
 
   PYTHONPATH=src python bench/rl_reward_gradient.py --root ROOT --reward realism
 """
@@ -48,15 +47,14 @@ from bench.rl_reward_gain import (  # noqa: E402
     save_grids,
 )
 from bench.rl_reward_weighted import report  # noqa: E402
-from genpipe import artifacts, training  # noqa: E402
+from genpipe import artifacts  # noqa: E402
 from genpipe.data.prepared import load_split  # noqa: E402
 from genpipe.generator import Generator  # noqa: E402
 from genpipe.models.diffusion import (  # noqa: E402
     OdeStep,
-    denoise,
-    guidance_at,
     integrate_ode,
     make_formulation,
+    ode_derivative,
 )
 from genpipe.models.priors.diffusion import Denoiser, from_prior_space  # noqa: E402
 from genpipe.rewards import RewardFn  # noqa: E402
@@ -87,14 +85,14 @@ class ServedSampler:
         self.cfg_scale = float(s.get("cfg_scale", 1.0))
         self.interval = tuple(s.get("guidance_interval", (0.0, 1.0)))
         self.temperature = temperature
-        k = gen.tokenizer.codebook_size
-        with torch.no_grad():  # (K, D): every code's vector
-            self.codebook = gen.tokenizer.codes_to_latent(torch.arange(k).view(1, k, 1))[
-                0, :, :, 0
-            ].T
-            spacing = torch.cdist(self.codebook, self.codebook).fill_diagonal_(torch.inf).min(1)
-        # tau: `temperature` times the mean squared distance of a code to its nearest other
-        self.tau = temperature * float(spacing.values.pow(2).mean())
+        if temperature > 0:  # the soft snap's codes (K, D), and its tau: `temperature` times
+            # the mean squared distance of a code to its nearest other
+            k = gen.tokenizer.codebook_size
+            with torch.no_grad():
+                grid = gen.tokenizer.codes_to_latent(torch.arange(k).view(1, k, 1))
+                self.codebook = grid[0, :, :, 0].T
+                gaps = torch.cdist(self.codebook, self.codebook).fill_diagonal_(torch.inf).min(1)
+            self.tau = temperature * float(gaps.values.pow(2).mean())
 
     def images(self, labels: torch.Tensor, rng: torch.Generator):
         """(images (B, C, H, W) with a graph to the net, graded ODE steps)."""
@@ -130,10 +128,10 @@ class ServedSampler:
         """sum over the graded steps of |d tau| * mean (derivative - prior's derivative)^2."""
         total = torch.zeros(())
         for step in graded:
-            guided = guidance_at(self.form, step.t, self.cfg_scale, self.interval)  # type: ignore[arg-type]
             with torch.no_grad():
-                x0, eps = denoise(self.reference, self.form, step.x, step.t, labels, guided)
-                ref = self.form.ode_derivative(x0, eps, step.t)
+                ref = ode_derivative(
+                    self.reference, self.form, step.x, step.t, labels, step.guidance
+                )
             dtau = abs(self.form.ode_coords(step.s)[1] - self.form.ode_coords(step.t)[1])
             total = total + dtau * (step.derivative - ref).pow(2).mean()
         return total
@@ -167,7 +165,6 @@ def main() -> None:
     )
     parser.add_argument("--beta", type=float, default=0.0, help="weight of the drift penalty")
     parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off)")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--per-class", type=int, default=100, help="eval samples per class")
     parser.add_argument("--interpolate", type=float, nargs="*", default=[])
@@ -175,8 +172,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 1 or args.group < 1 or args.grad_steps < 1 or args.lr <= 0:
         parser.error("--steps, --group and --grad-steps must be >= 1 and --lr > 0")
-    if args.beta < 0 or not 0 <= args.ema < 1 or any(not 0 < a < 1 for a in args.interpolate):
-        parser.error("--beta >= 0, 0 <= --ema < 1 and every --interpolate in (0, 1)")
+    if args.beta < 0 or any(not 0 < a < 1 for a in args.interpolate):
+        parser.error("--beta >= 0 and every --interpolate in (0, 1)")
     root = args.root
     params, cfg = reward_params(args)
     seed, knn = params.base.seed, params.evaluate.knn_k
@@ -201,7 +198,6 @@ def main() -> None:
 
     net.eval().requires_grad_(True)  # eval: no class dropout; the net samples as served
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
-    ema = training.EMA(net, args.ema) if args.ema > 0 else None
     labels = torch.arange(num_classes).repeat_interleave(args.group)
     start = time.perf_counter()
     with cpu_threads(torch.device("cpu")):
@@ -218,8 +214,6 @@ def main() -> None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
             opt.step()
-            if ema is not None:
-                ema.update(net)
             if (step + 1) % 10 == 0:
                 batch = float(r.detach().mean())
                 gain = (batch - before["reward_mean"]) / before["reward_std"]
@@ -241,17 +235,12 @@ def main() -> None:
         print_row(gen.kind, args.reward, settings, before, after, {})
         if args.grids is not None:
             save_grids(args.grids, before, after, args.per_class, num_classes)
-        kept = {"last": {k: v.clone() for k, v in net.state_dict().items()}}
-        if ema is not None:
-            kept["EMA"] = ema.model.state_dict()
-        prior_state = reference.state_dict()
-        for name, state in kept.items():
-            lines = ([1.0] if name == "EMA" else []) + list(args.interpolate)
-            for alpha in lines:
-                net.load_state_dict(finetune.interpolate(prior_state, state, alpha))
-                with torch.no_grad():
-                    m = evaluate()
-                print_row(gen.kind, args.reward, f"{settings}, {name} A {alpha}", before, m, {})
+        last = {k: v.clone() for k, v in net.state_dict().items()}
+        for alpha in args.interpolate:
+            net.load_state_dict(finetune.interpolate(reference.state_dict(), last, alpha))
+            with torch.no_grad():
+                m = evaluate()
+            print_row(gen.kind, args.reward, f"{settings}, last A {alpha}", before, m, {})
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def realism(ctx: RewardContext) -> RewardFn:
                 f"finetune.realism_k: {k} neighbours, but the {what}'s smallest class has "
                 f"{smallest} images; set it below {smallest}"
             )
-    judge = ctx.judge.eval().requires_grad_(False)
+    judge = ctx.judge.eval()
     real, prior = _by_class(judge, real_x, real_y), _by_class(judge, prior_x, prior_y)
     if missing := sorted(set(prior) - set(real)):
         raise RewardError(f"reward 'realism': classes {missing} have no train images")
@@ -140,17 +140,14 @@ def realism(ctx: RewardContext) -> RewardFn:
             return torch.zeros(0)
         with torch.set_grad_enabled(images.requires_grad and torch.is_grad_enabled()):
             queries = judge.features(images).double()
-            parts = []
+            out = torch.zeros(len(images), dtype=torch.float64, device=queries.device)
             for c in labels.unique().tolist():
                 if c not in real or c not in prior:
                     raise RewardError(f"reward 'realism': no reference images of class {c}")
-                mask = labels == c
+                mask = (labels == c).to(out.device)
                 d_real = _kth_distance(queries[mask], real[c], k).clamp_min(floor[c])
                 d_prior = _kth_distance(queries[mask], prior[c], k).clamp_min(floor[c])
-                parts.append((mask, d_prior.log() - d_real.log()))
-            out = torch.zeros(len(images), dtype=torch.float64, device=queries.device)
-            for mask, score in parts:
-                out = out.masked_scatter(mask.to(out.device), score)
+                out = out.masked_scatter(mask, d_prior.log() - d_real.log())
             return out.float()
 
     return reward

@@ -341,7 +341,8 @@ def _coeffs(form: Formulation, t: float) -> tuple[float, float, float, float]:
     return float(alpha), float(sigma), float(dalpha), float(dsigma)
 
 
-def _ode_derivative(net, form, x, t, labels, cfg_scale) -> torch.Tensor:
+def ode_derivative(net, form, x, t, labels, cfg_scale) -> torch.Tensor:
+    """d y / d tau of the probability-flow ODE at (x, t), in the formulation's `ode_coords`."""
     x0_hat, eps_hat = denoise(net, form, x, t, labels, cfg_scale)
     return form.ode_derivative(x0_hat, eps_hat, t)
 
@@ -437,12 +438,13 @@ def sample(
 
 @dataclass
 class OdeStep:
-    """One step of `integrate_ode` run with autograd on: its state, times and ODE derivative
-    (what a reward-gradient fine-tune penalises the drift of)."""
+    """One step of `integrate_ode` run with autograd on: its state, times, guidance and ODE
+    derivative (what a reward-gradient fine-tune penalises the drift of)."""
 
     x: torch.Tensor
     t: float
     s: float
+    guidance: float
     derivative: torch.Tensor
 
 
@@ -476,14 +478,14 @@ def integrate_ode(
             (scale_t, tau_t), (scale_s, tau_s) = form.ode_coords(t), form.ode_coords(s)
             y = x / scale_t
             guided = guidance_at(form, t, cfg_scale, interval)
-            d = _ode_derivative(net, form, x, t, labels, guided)
+            d = ode_derivative(net, form, x, t, labels, guided)
             y_next = y + (tau_s - tau_t) * d
             if sampler == "heun" and i < steps - 1:
                 guided_s = guidance_at(form, s, cfg_scale, interval)
-                d_next = _ode_derivative(net, form, scale_s * y_next, s, labels, guided_s)
+                d_next = ode_derivative(net, form, scale_s * y_next, s, labels, guided_s)
                 y_next = y + (tau_s - tau_t) * 0.5 * (d + d_next)
             if tracked:
-                graded.append(OdeStep(x, t, s, d))
+                graded.append(OdeStep(x, t, s, guided, d))
             x = scale_s * y_next
     return x, graded
 
