@@ -253,8 +253,11 @@ def score(
     cfg: Evaluate,
     num_classes: int,
     seed: int,
+    resamples: int | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """All sample metrics of one generator (cfg.samples_per_class per class), and its samples."""
+    """All sample metrics of one generator (cfg.samples_per_class per class), and its samples.
+    `resamples`: bootstrap resamples per interval, None for `sample_intervals`' own (1,000);
+    at 500 per class those take most of an hour on a 2-core CPU, so a sweep may take fewer."""
     images, labels, codes = generate(gen, cfg.samples_per_class, num_classes, seed)
     extractor = FeatureExtractor(evaluator)
     fake_f, real_f = features(extractor, images), features(extractor, test_x)
@@ -267,7 +270,15 @@ def score(
     from genpipe.evaluation_intervals import sample_intervals
 
     cis = sample_intervals(
-        real_f, fake_f, floor_f, preds, labels, cfg.knn_k, seed=seed, fake_sets=fakes
+        real_f,
+        fake_f,
+        floor_f,
+        preds,
+        labels,
+        cfg.knn_k,
+        seed=seed,
+        fake_sets=fakes,
+        **({} if resamples is None else {"resamples": resamples}),
     )
     return {
         "fid": fid_from_features(real_f, fake_f),
