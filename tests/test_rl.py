@@ -726,6 +726,30 @@ def test_policies_each_start_from_the_prior_with_their_own_rollout_seed(tmp_path
     assert not all(torch.equal(first[k], v) for k, v in second.items())
 
 
+def test_policies_resume_each_from_its_own_checkpoint(tmp_path):
+    """A stage resumed with `policies: 2` replays each run from its own checkpoint part and
+    ends where the uninterrupted stage did: run 1 must not resume from run 0's file."""
+    cfg = CFG.model_copy(update={"policies": 2, "checkpoint_every": 2})
+    reward = WeightedReward({"brightness": 1.0}, {"brightness": brightness})
+    seed = 5
+
+    def run() -> list[finetune.Result]:
+        policy, reference = finetune.make_policy(tiny_generator("ar"), cfg)
+        checkpoint = Checkpoint(tmp_path / "last.pt", "fingerprint", cfg.checkpoint_every)
+        gen = torch.Generator().manual_seed(seed)
+        ctx = StageContext(torch.device("cpu"), gen, checkpoint, SINGLE)
+        return finetune.train_policies(policy, reference, reward, cfg, CLASSES, ctx, seed)
+
+    straight = run()  # leaves each run's checkpoint after its step 2
+    assert Checkpoint(tmp_path / "last.pt", "fingerprint", 2).load()["step"] == 2
+    resumed = run()
+    for i, (a, b) in enumerate(zip(straight, resumed, strict=True)):
+        assert b.history == a.history, f"policy {i}"
+        assert all(torch.equal(v, a.best["state"][k]) for k, v in b.best["state"].items())
+    first, second = (r.history for r in resumed)
+    assert first != second  # two runs, not one replayed twice
+
+
 def test_policies_param_counts_runs_from_one():
     assert Finetune().policies == 1  # one GRPO run, as before the option
     with pytest.raises(ValueError, match="policies"):
