@@ -33,7 +33,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from genpipe.data.prepared import load_split  # noqa: E402
 from genpipe.evaluation_intervals import fid_ratio_interval  # noqa: E402
 from genpipe.generator import Generator  # noqa: E402
 from genpipe.rewards import WeightedReward, build_reward  # noqa: E402
+from genpipe.rl import Policy  # noqa: E402
 from genpipe.runtime import cpu_threads  # noqa: E402
 from genpipe.stages import finetune  # noqa: E402
 
@@ -330,6 +331,105 @@ def save_grids(
         viz.save_png(grid, folder / f"{name}.png")
 
 
+def train_and_report(
+    args: argparse.Namespace,
+    cfg: Finetune,
+    policy: Policy,
+    reward: WeightedReward,
+    before: dict[str, Any],
+    measure_policy: Callable[[], dict[str, Any]],
+    references: tuple[torch.Tensor, torch.Tensor],
+    kind: str,
+    settings: str,
+    rl_seed: int,
+) -> dict[str, torch.Tensor]:
+    """GRPO from the prior as the stage runs it (one thread, rollouts seeded `rl_seed`), then
+    the bar's row, the references (`references`: the reward of the real test images and of
+    their reconstructions) against the ideal tilt at RL's KL, and the reward under the RL
+    sampler, printed. Returns the weights the stage keeps (the EMA's with `ema`)."""
+    num_classes = int(policy.net.num_classes)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    curve = contextlib.nullcontext()
+    if args.curve_every:
+        sink = curve_printer(
+            args.curve_every,
+            cfg.rail_window,
+            args.reward,
+            before["rewards"],
+            before["labels"],
+            args.curve,
+        )
+        curve = curves.to(sink)
+    with cpu_threads(torch.device("cpu")), curve:  # as the stage: small batches, one thread
+        result = finetune.train(
+            policy, reward, cfg, num_classes, torch.Generator().manual_seed(rl_seed)
+        )
+    secs = time.perf_counter() - start
+    policy.net.load_state_dict(result.best["state"])
+    after = measure_policy()
+
+    # ar's KL is to the untruncated prior and starts at the truncation's cost; the tilt
+    # reweights the truncated samples, so it gets the KL RL spent beyond that start
+    kl0 = result.history[0]["kl"]
+    bar = BarCheck.of(before, after)
+    gain, drop, fid_ratio = bar.gain, bar.drop, bar.fid_ratio
+    gain_se = gain / gain_standard_error(before, after)  # the gain in standard errors
+    ideal_gain, ideal_kl = ideal(before["rewards"], before["labels"], result.best["kl"] - kl0)
+    print(
+        f"kind={kind} reward={args.reward} advantage={cfg.advantage} "
+        f"adv_std_floor={cfg.adv_std_floor} kl_estimator={cfg.kl_estimator} beta={cfg.beta} "
+        f"lr={cfg.lr} steps_run={result.steps_run} "
+        f"best_step={result.best['step']} stopped_early={result.stopped_early} "
+        f"train_s={secs:.0f}"
+    )
+    header = ("reward", "reward std", "consistency", "FID", "precision", "recall")
+    print(f"{'':<14}" + "".join(f"{h:>12}" for h in header))
+    for name, m in (("before", before), ("after", after)):
+        print(
+            f"{name:<14}{m['reward_mean']:>12.4f}{m['reward_std']:>12.4f}{m['consistency']:>12.3f}"
+            f"{m['fid']:>12.3f}{m['precision']:>12.3f}{m['recall']:>12.3f}"
+        )
+    if args.grids is not None:
+        save_grids(args.grids, before, after, args.per_class, num_classes)
+    print(
+        f"reward gain {gain:+.2f} pre-RL stds (bar >= 2) | KL at the kept step "
+        f"{result.best['kl']:.3f} nats/sample | consistency {-drop:+.1f} points (bar >= -2) | "
+        f"FID x{fid_ratio:.2f} (bar <= 1.2)"
+    )
+    real_mean, recon_mean = (float(r.mean()) for r in references)
+    real_gap, recon_gap = (
+        (m - before["reward_mean"]) / before["reward_std"] for m in (real_mean, recon_mean)
+    )
+    print(
+        f"references: real test {real_mean:.4f} ({real_gap:+.2f} stds), its reconstructions "
+        f"{recon_mean:.4f} ({recon_gap:+.2f} stds); ideal tilt of "
+        f"the pre-RL samples: {ideal_gain:+.2f} stds at this KL less the KL at step 0, "
+        f"2 stds at KL {ideal_kl:.2f}"
+    )
+    first, kept = result.history[0]["reward_mean"], result.best["reward"]
+    print(
+        f"under the RL sampler (all of RL's rewards): reward {first:.4f} at step 0, "
+        f"{kept:.4f} at the kept step "
+        f"(window mean), {(kept - first) / before['reward_std']:+.2f} pre-RL stds; "
+        f"KL at step 0 {kl0:.3f} (ar: the cost of top-k/top-p truncation)"
+    )
+    method = {
+        "gain (SEs)": f"{gain_se:+.1f}",
+        "KL": f"{result.best['kl']:.2f}",
+        "ideal gain at KL": f"{ideal_gain:+.2f}",
+    }
+    print_row(kind, args.reward, settings, before, after, method)
+    if cfg.ema == 0:
+        return result.best["state"]
+    # what the stage keeps: the EMA's weights at the same step
+    policy.net.load_state_dict(result.best["ema_state"])
+    on_ema = measure_policy()
+    print_row(kind, args.reward, f"{settings} EMA", before, on_ema, {})
+    if args.grids is not None:
+        save_grids(args.grids, before, on_ema, args.per_class, num_classes, "after_ema")
+    return result.best["ema_state"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_pipeline_args(parser, "compressibility")
@@ -441,85 +541,18 @@ def main() -> None:
         policy.net.load_state_dict(kept_state)
         print_row(kind, args.reward, settings, before, measure_policy(), {})
     else:
-        start = time.perf_counter()
-        curve = contextlib.nullcontext()
-        if args.curve_every:
-            sink = curve_printer(
-                args.curve_every,
-                cfg.rail_window,
-                args.reward,
-                before["rewards"],
-                before["labels"],
-                args.curve,
-            )
-            curve = curves.to(sink)
-        with cpu_threads(torch.device("cpu")), curve:  # as the stage: small batches, one thread
-            result = finetune.train(
-                policy, reward, cfg, num_classes, torch.Generator().manual_seed(rl_seed)
-            )
-        secs = time.perf_counter() - start
-        policy.net.load_state_dict(result.best["state"])
-        after = measure_policy()
-
-        # ar's KL is to the untruncated prior and starts at the truncation's cost; the tilt
-        # reweights the truncated samples, so it gets the KL RL spent beyond that start
-        kl0 = result.history[0]["kl"]
-        bar = BarCheck.of(before, after)
-        gain, drop, fid_ratio = bar.gain, bar.drop, bar.fid_ratio
-        gain_se = gain / gain_standard_error(before, after)  # the gain in standard errors
-        ideal_gain, ideal_kl = ideal(before["rewards"], before["labels"], result.best["kl"] - kl0)
-        print(
-            f"kind={kind} reward={args.reward} advantage={cfg.advantage} "
-            f"adv_std_floor={cfg.adv_std_floor} kl_estimator={cfg.kl_estimator} beta={cfg.beta} "
-            f"lr={cfg.lr} steps_run={result.steps_run} "
-            f"best_step={result.best['step']} stopped_early={result.stopped_early} "
-            f"train_s={secs:.0f}"
+        kept_state = train_and_report(
+            args,
+            cfg,
+            policy,
+            reward,
+            before,
+            measure_policy,
+            (real, real_recon),
+            kind,
+            settings,
+            rl_seed,
         )
-        header = ("reward", "reward std", "consistency", "FID", "precision", "recall")
-        print(f"{'':<14}" + "".join(f"{h:>12}" for h in header))
-        for name, m in (("before", before), ("after", after)):
-            print(
-                f"{name:<14}{m['reward_mean']:>12.4f}{m['reward_std']:>12.4f}{m['consistency']:>12.3f}"
-                f"{m['fid']:>12.3f}{m['precision']:>12.3f}{m['recall']:>12.3f}"
-            )
-        if args.grids is not None:
-            save_grids(args.grids, before, after, args.per_class, num_classes)
-        print(
-            f"reward gain {gain:+.2f} pre-RL stds (bar >= 2) | KL at the kept step "
-            f"{result.best['kl']:.3f} nats/sample | consistency {-drop:+.1f} points (bar >= -2) | "
-            f"FID x{fid_ratio:.2f} (bar <= 1.2)"
-        )
-        real_mean, recon_mean = float(real.mean()), float(real_recon.mean())
-        real_gap, recon_gap = (
-            (m - before["reward_mean"]) / before["reward_std"] for m in (real_mean, recon_mean)
-        )
-        print(
-            f"references: real test {real_mean:.4f} ({real_gap:+.2f} stds), its reconstructions "
-            f"{recon_mean:.4f} ({recon_gap:+.2f} stds); ideal tilt of "
-            f"the pre-RL samples: {ideal_gain:+.2f} stds at this KL less the KL at step 0, "
-            f"2 stds at KL {ideal_kl:.2f}"
-        )
-        first, kept = result.history[0]["reward_mean"], result.best["reward"]
-        print(
-            f"under the RL sampler (all of RL's rewards): reward {first:.4f} at step 0, "
-            f"{kept:.4f} at the kept step "
-            f"(window mean), {(kept - first) / before['reward_std']:+.2f} pre-RL stds; "
-            f"KL at step 0 {kl0:.3f} (ar: the cost of top-k/top-p truncation)"
-        )
-        method = {
-            "gain (SEs)": f"{gain_se:+.1f}",
-            "KL": f"{result.best['kl']:.2f}",
-            "ideal gain at KL": f"{ideal_gain:+.2f}",
-        }
-        print_row(kind, args.reward, settings, before, after, method)
-        kept_state = result.best["state"]
-        if cfg.ema > 0:  # what the stage keeps: the EMA's weights at the same step
-            kept_state = result.best["ema_state"]
-            policy.net.load_state_dict(kept_state)
-            on_ema = measure_policy()
-            print_row(kind, args.reward, f"{settings} EMA", before, on_ema, {})
-            if args.grids is not None:
-                save_grids(args.grids, before, on_ema, args.per_class, num_classes, "after_ema")
     if args.save_kept is not None:
         torch.save(kept_state, args.save_kept)
     for alpha in args.interpolate:
